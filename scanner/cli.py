@@ -1,0 +1,157 @@
+"""The ``lensscan`` command.
+
+Scan-side commands live here; packages that build on the scanner (``training``) add theirs through
+the ``lensscan.commands`` entry-point group, so the scanner never imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Sequence
+
+from scanner import __version__
+
+logger = logging.getLogger("lensscan")
+
+DEMO = {"n_tiles": 4, "size_pix": 1024, "n_lenses": 40, "seed": 2026}
+
+
+def cache_dir() -> Path:
+    """Where the demo survey is generated once and reused (``LENSSCAN_CACHE`` moves it)."""
+    return Path(os.environ.get("LENSSCAN_CACHE", Path.home() / ".cache" / "lensscan"))
+
+
+def _bands(text: str | None) -> tuple[str, ...] | None:
+    return tuple(b.strip() for b in text.split(",") if b.strip()) if text else None
+
+
+def demo_survey():
+    """The built-in demo survey, generated on first use and cached."""
+    from scanner.mock_survey import MockSurveyConfig, make_mock_survey, open_mock_survey
+
+    root = cache_dir() / f"demo-survey-{DEMO['seed']}"
+    survey = open_mock_survey(str(root))
+    if survey is None:
+        logger.info("generating the demo survey in %s (once)", root)
+        survey = make_mock_survey(str(root), MockSurveyConfig(**DEMO))
+    return survey
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from scanner.config import ScanConfig
+    from scanner.pipeline import ScanRefused, run_scan
+    from scanner.registry import RegistryError, default_models_dir
+
+    tiles, catalog, pattern, out = args.tiles, args.catalog, args.tile_pattern, args.out
+    resume, overwrite = args.resume, args.overwrite
+    if tiles is None:
+        if catalog is not None:
+            print("lensscan scan: --catalog needs --tiles", file=sys.stderr)
+            return 2
+        survey = demo_survey()
+        tiles, catalog, pattern = survey.tiles_url, survey.catalog_url, survey.tile_pattern
+        out = out or "lensscan-demo-scan"
+        overwrite = overwrite or not resume
+    if out is None:
+        print("lensscan scan: give --out (where to write the catalogs)", file=sys.stderr)
+        return 2
+    models = tuple(args.models) if args.models else (str(default_models_dir()),)
+    config = ScanConfig(tiles=tiles, catalog=catalog, out=out, model_dirs=models,
+                        bands=_bands(args.bands), tile_pattern=pattern, batch_size=args.batch_size,
+                        num_actors=args.num_actors, num_gpus_per_actor=args.num_gpus_per_actor,
+                        write_csv=args.csv, resume=resume, overwrite=overwrite, address=args.address)
+    try:
+        result = run_scan(config)
+    except (ScanRefused, RegistryError, FileNotFoundError, ValueError) as exc:
+        print(f"lensscan scan: refused: {exc}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    print(f"candidates: {out}/candidates.parquet" + (f"  csv: {out}/candidates.csv" if args.csv else ""))
+    if result.n_failed:
+        print(f"failures:   {out}/failures (every object that could not be scored, with the reason)")
+    return result.exit_code
+
+
+def cmd_mock_survey(args: argparse.Namespace) -> int:
+    from scanner.mock_survey import MockSurveyConfig, make_mock_survey
+
+    config = MockSurveyConfig(n_tiles=args.tiles, size_pix=args.size, bands=_bands(args.bands),
+                              pixel_scale_arcsec=args.pixel_scale, n_lenses=args.lenses, seed=args.seed,
+                              layout=args.layout, compress=args.compress)
+    survey = make_mock_survey(args.out, config)
+    print(f"tiles:   {survey.tiles_url}/{survey.tile_pattern}\ncatalog: {survey.catalog_url}\n"
+          f"truth:   {survey.truth_url}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lensscan", description="Scan imaging surveys for strong "
+                                     "gravitational lenses, and train the classifiers that do it.")
+    parser.add_argument("--version", action="version", version=f"lensscan {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("scan", help="score every catalog object on the survey's tiles (no arguments: "
+                       "the built-in demo survey)")
+    p.add_argument("--tiles", help="URL of the directory holding the FITS tiles (path, s3://, gs://)")
+    p.add_argument("--catalog", help="object catalog, Parquet or CSV with objid, ra, dec [, tile]")
+    p.add_argument("--tile-pattern", default="{tile}_{band}.fits",
+                   help="tile file names: '{tile}_{band}.fits' (a file per band) or '{tile}.fits' "
+                   "(multi-extension, EXTNAME=band); .fits.fz for Rice-compressed (default: %(default)s)")
+    p.add_argument("--bands", help="survey bands in the models' channel order, e.g. g,r,i "
+                   "(default: the models' bands)")
+    p.add_argument("--models", nargs="+", help="model registry dirs (a registry, a model or a version "
+                   "dir); default: the built-in ensemble")
+    p.add_argument("--out", help="output directory URL (demo: ./lensscan-demo-scan)")
+    p.add_argument("--csv", action="store_true", help="also write candidates.csv ranked by score")
+    p.add_argument("--address", help="Ray cluster address (auto, ray://host:10001); default: a "
+                   "local cluster")
+    p.add_argument("--batch-size", type=int, default=256, help="stamps per model forward (default: "
+                   "%(default)s)")
+    p.add_argument("--num-actors", type=int, help="scoring actors (default: one per GPU, or half "
+                   "the CPUs)")
+    p.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="GPUs per scoring actor "
+                   "(0: score on CPUs)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted scan in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("mock-survey", help="write a mock multi-band survey with injected lenses")
+    p.add_argument("out", help="output directory URL")
+    p.add_argument("--tiles", type=int, default=4, help="number of tiles (default: %(default)s)")
+    p.add_argument("--size", type=int, default=1024, help="tile side in pixels (default: %(default)s)")
+    p.add_argument("--bands", default="g,r,i", help="bands (default: %(default)s)")
+    p.add_argument("--pixel-scale", type=float, default=0.26, help="arcsec/pixel (default: %(default)s)")
+    p.add_argument("--lenses", type=int, default=20, help="strong lenses to inject (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--layout", choices=["per_band", "mef"], default="per_band",
+                   help="a file per band, or one multi-extension file per tile")
+    p.add_argument("--compress", action="store_true", help="Rice tile-compress (.fits.fz)")
+    p.set_defaults(func=cmd_mock_survey)
+
+    for ep in entry_points(group="lensscan.commands"):
+        try:
+            ep.load()(sub)
+        except ImportError as exc:  # an optional extra that is not installed
+            logger.debug("commands from %s unavailable: %s", ep.value, exc)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

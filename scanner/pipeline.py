@@ -1,0 +1,293 @@
+"""The scan on Ray Data: plan -> read and cut -> score -> write, streaming end to end.
+
+The only module that wires Ray. Each tile is one read-and-cut task (memory bounded by a tile), the
+scorer is an actor pool that loads the ensemble once per actor, and the writer emits atomic shards
+plus a small summary per shard; the driver only sees those summaries, and marks a tile finished in
+the manifest once all its objects are written. ``--resume`` then re-runs exactly the unfinished
+tiles, after removing whatever partial shards they left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+from tqdm.auto import tqdm
+
+from scanner import __version__, storage
+from scanner.config import ScanConfig
+from scanner.plan import Plan, failures_dir, load_plan, make_plan
+from scanner.registry import Ensemble, load_ensemble
+from scanner.stages import EnsembleScorer, ShardWriter, candidates_dir, cut_tile
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURES = 3
+EXIT_REFUSED = 2
+
+
+class ScanRefused(RuntimeError):
+    """The scan cannot start; the message says why and what to do."""
+
+
+@dataclass
+class ScanResult:
+    """Where a scan wrote its output and what it did."""
+
+    out: str
+    n_catalog: int
+    n_scored: int
+    n_failed: int
+    seconds: float
+    stamps_per_s: float
+    models: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.n_failed == 0 else EXIT_FAILURES
+
+    def summary(self) -> str:
+        return (f"scanned {self.n_catalog} objects: {self.n_scored} scored, {self.n_failed} failed, "
+                f"{self.stamps_per_s:.0f} stamps/s -> {self.out}")
+
+
+def manifest_dir(out: str) -> str:
+    return storage.join(out, "_manifest")
+
+
+def _identity(config: ScanConfig, ensemble: Ensemble, bands: tuple[str, ...]) -> dict[str, Any]:
+    """What makes two runs the same scan: inputs, bands and the exact model weights."""
+    return {"tiles": config.tiles, "tile_pattern": config.tile_pattern, "catalog": config.catalog,
+            "bands": list(bands), "models": [m["content_hash"] for m in ensemble.describe()],
+            "input_spec": ensemble.input_spec.to_dict()}
+
+
+def resolve_bands(config: ScanConfig, ensemble: Ensemble) -> tuple[str, ...]:
+    """The survey bands mapped, in order, to the model's channels; refuse a reordering."""
+    model_bands = ensemble.input_spec.bands
+    bands = tuple(config.bands) if config.bands else model_bands
+    if len(bands) != len(model_bands):
+        raise ScanRefused(f"--bands {','.join(bands)} gives {len(bands)} bands but the models take "
+                          f"{len(model_bands)} ({','.join(model_bands)}); give one survey band per "
+                          f"model channel, in the model's order")
+    if set(bands) == set(model_bands) and bands != model_bands:
+        raise ScanRefused(f"--bands {','.join(bands)} reorders the models' bands "
+                          f"{','.join(model_bands)}; channels must come in the order the models were "
+                          f"trained on: --bands {','.join(model_bands)}")
+    if bands != model_bands:
+        logger.warning("mapping survey bands %s to model channels %s by position", bands, model_bands)
+    return bands
+
+
+def _prepare_output(config: ScanConfig, identity: dict[str, Any]) -> None:
+    """Refuse an output that holds another scan; clear it on --overwrite."""
+    fs, path = storage.filesystem(config.out)
+    id_url = storage.join(config.out, "_scan_identity.json")
+    if fs.exists(path) and fs.ls(path):
+        if config.overwrite:
+            fs.rm(path, recursive=True)
+        elif not storage.exists(id_url):
+            raise ScanRefused(f"{config.out} already holds files that are not a lensscan scan; "
+                              f"choose an empty --out or pass --overwrite")
+        else:
+            earlier = json.loads(storage.read_bytes(id_url))
+            if earlier != identity:
+                diff = sorted(k for k in identity if earlier.get(k) != identity[k])
+                raise ScanRefused(f"{config.out} holds a different scan (differs in {', '.join(diff)}); "
+                                  f"pass --overwrite to replace it or choose another --out")
+            if not config.resume:
+                raise ScanRefused(f"{config.out} already holds this scan; pass --resume to finish it "
+                                  f"or --overwrite to start again")
+    storage.write_bytes_atomic(id_url, json.dumps(identity, indent=1).encode())
+
+
+def finished_tiles(out: str) -> dict[str, dict[str, Any]]:
+    """Manifest entries of the tiles whose objects are all written."""
+    fs, path = storage.filesystem(manifest_dir(out))
+    if not fs.exists(path):
+        return {}
+    done = {}
+    for p in fs.glob(path + "/*.json"):
+        entry = json.loads(fs.cat_file(p))
+        done[entry["tile"]] = entry
+    return done
+
+
+def _remove_partial_shards(out: str, tiles: list[str]) -> None:
+    """Delete shards an interrupted run left for tiles it did not finish."""
+    for root in (candidates_dir(out), failures_dir(out)):
+        fs, path = storage.filesystem(root)
+        for tile in tiles:
+            p = f"{path}/{tile}"
+            if fs.exists(p):
+                fs.rm(p, recursive=True)
+
+
+def _ray_init(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+
+
+def _actor_pool(config: ScanConfig) -> tuple[int, float, float]:
+    """Number of scoring actors, CPUs and GPUs per actor, from the cluster and the config."""
+    import ray
+
+    res = ray.cluster_resources()
+    gpus = float(res.get("GPU", 0))
+    if config.num_gpus_per_actor > 0 and gpus == 0:
+        raise ScanRefused("--num-gpus-per-actor > 0 but the Ray cluster has no GPU; drop the flag to "
+                          "score on CPUs")
+    if config.num_gpus_per_actor > 0:
+        n = config.num_actors or max(1, int(gpus // config.num_gpus_per_actor))
+        return n, 1.0, config.num_gpus_per_actor
+    cpus = int(res.get("CPU", 1))
+    # On CPUs, leave about half the cores to the cut stage that feeds the actors.
+    return config.num_actors or max(1, cpus // 2), 1.0, 0.0
+
+
+def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult:
+    """Scan ``config.tiles`` for lenses and write catalogs to ``config.out``.
+
+    Returns a :class:`ScanResult` (also written as ``scan.json``). Raises :class:`ScanRefused`
+    before doing any work when the inputs or the output location are not usable.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    t0 = time.perf_counter()
+    ensemble = ensemble or load_ensemble(list(config.model_dirs))
+    bands = resolve_bands(config, ensemble)
+    spec = ensemble.input_spec
+    identity = _identity(config, ensemble, bands)
+    _prepare_output(config, identity)
+
+    plan = load_plan(config.out) if config.resume else None
+    if plan is None:
+        if config.catalog is None:
+            raise ScanRefused("no --catalog given; give the survey's object catalog (objid, ra, dec)")
+        plan = make_plan(config.tiles, config.tile_pattern, bands, config.catalog, config.out)
+    done = finished_tiles(config.out)
+    todo = [t for t in plan.tiles if plan.objects_per_tile.get(t.name, 0) > 0 and t.name not in done]
+    _remove_partial_shards(config.out, [t.name for t in todo])
+    n_todo = sum(plan.objects_per_tile[t.name] for t in todo)
+    logger.info("%d tiles to scan (%d objects), %d already finished", len(todo), n_todo, len(done))
+
+    models = ensemble.describe()
+    metadata = {"lensscan_version": __version__, "models": models, "bands": list(bands),
+                "input_spec": spec.to_dict()}
+    if todo:
+        _ray_init(config.address)
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        # A model load that keeps failing is a bug to report, not something to retry forever.
+        ctx.max_consecutive_actor_init_deaths = 3
+        n_actors, cpus, gpus = _actor_pool(config)
+        items = [{"tile": t.name, "tile_json": json.dumps(t.to_dict())} for t in todo]
+
+        def cut(batch: dict[str, np.ndarray]):
+            for tile_json in batch["tile_json"]:
+                yield from cut_tile(str(tile_json), config.out, spec, bands,
+                                    config.max_missing_fraction, chunk_rows=config.batch_size * 4)
+
+        ds = (ray.data.from_items(items, override_num_blocks=len(items))
+              .map_batches(cut, batch_size=1, num_cpus=1, max_retries=3)
+              .map_batches(EnsembleScorer, batch_size=config.batch_size, num_cpus=cpus, num_gpus=gpus,
+                           fn_constructor_kwargs={"model_dirs": list(config.model_dirs),
+                                                  "use_gpu": gpus > 0},
+                           compute=ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=2),
+                           max_restarts=3, max_task_retries=3)
+              .map_batches(ShardWriter, batch_size=max(config.batch_size, 4096), batch_format="pyarrow",
+                           num_cpus=0.25, max_retries=3,
+                           fn_constructor_kwargs={"out": config.out, "score_columns": ensemble.columns,
+                                                  "metadata": metadata},
+                           compute=ActorPoolStrategy(size=1)))
+        _consume(ds, plan, config.out, n_todo)
+
+    return _finish(config, plan, models, time.perf_counter() - t0, n_todo)
+
+
+def _consume(ds, plan: Plan, out: str, n_todo: int) -> None:
+    """Drive the stream; mark each tile finished once every one of its objects is written."""
+    written: dict[str, dict[str, tuple[int, int]]] = {}
+    bar = tqdm(total=n_todo, desc="scan", unit="obj", smoothing=0.1)
+    for row in ds.iter_rows():
+        tile, shard = str(row["tile"]), str(row["shard"])
+        shards = written.setdefault(tile, {})
+        if shard not in shards:
+            bar.update(int(row["n_scored"]) + int(row["n_failed"]))
+        shards[shard] = (int(row["n_scored"]), int(row["n_failed"]))
+        n_scored = sum(s for s, _ in shards.values())
+        n_failed = sum(f for _, f in shards.values())
+        if n_scored + n_failed == plan.objects_per_tile[tile]:
+            entry = {"tile": tile, "n_objects": plan.objects_per_tile[tile], "n_scored": n_scored,
+                     "n_failed": n_failed, "shards": sorted(shards)}
+            storage.write_bytes_atomic(storage.join(manifest_dir(out), f"{tile}.json"),
+                                       json.dumps(entry).encode())
+    bar.close()
+
+
+def _finish(config: ScanConfig, plan: Plan, models: list[dict], seconds: float, n_cut: int) -> ScanResult:
+    done = finished_tiles(config.out)
+    n_scored = sum(e["n_scored"] for e in done.values())
+    n_failed = plan.n_failed_plan + sum(e["n_failed"] for e in done.values())
+    unfinished = [t.name for t in plan.tiles
+                  if plan.objects_per_tile.get(t.name, 0) > 0 and t.name not in done]
+    if unfinished:
+        raise RuntimeError(f"scan ended with {len(unfinished)} tile(s) unfinished ({unfinished[:5]}); "
+                           f"re-run with --resume")
+    result = ScanResult(config.out, plan.n_catalog, n_scored, n_failed, seconds,
+                        n_cut / seconds if seconds > 0 else math.nan, models)
+    if config.write_csv:
+        write_csv(config.out)
+    report = {"lensscan_version": __version__, "config": config.to_dict(), "models": models,
+              "n_catalog": plan.n_catalog, "n_scored": n_scored, "n_failed": n_failed,
+              "n_tiles": len(plan.tiles), "n_tiles_unreadable": sum(t.shape is None for t in plan.tiles),
+              "seconds_last_run": seconds, "stamps_per_s_last_run": result.stamps_per_s}
+    storage.write_bytes_atomic(storage.join(config.out, "scan.json"), json.dumps(report, indent=1).encode())
+    return result
+
+
+def _dataset(url: str) -> pads.Dataset | None:
+    fs, path = storage.filesystem(url)
+    if not fs.exists(path):
+        return None
+    return pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=False)
+
+
+def read_candidates(out: str, columns: list[str] | None = None) -> pa.Table:
+    """The scan's candidates, sorted by ensemble score, highest first."""
+    ds = _dataset(candidates_dir(out))
+    if ds is None:
+        return pa.table({})
+    return ds.to_table(columns=columns).sort_by([("score", "descending")])
+
+
+def read_failures(out: str) -> pa.Table:
+    """The scan's failures table: every object or tile that could not be scored, with the reason."""
+    from scanner.plan import FAILURE_SCHEMA
+
+    ds = _dataset(failures_dir(out))
+    return ds.to_table() if ds is not None else FAILURE_SCHEMA.empty_table()
+
+
+def write_csv(out: str) -> str:
+    """Write ``candidates.csv`` ranked by score (for catalogs that fit in memory)."""
+    import pyarrow.csv as pacsv
+
+    table = read_candidates(out)
+    url = storage.join(out, "candidates.csv")
+    sink = pa.BufferOutputStream()
+    pacsv.write_csv(table, sink)
+    storage.write_bytes_atomic(url, sink.getvalue().to_pybytes())
+    return url
+

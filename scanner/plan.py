@@ -1,0 +1,185 @@
+"""The scan's first stage: tiles, headers and the catalog matched to tile footprints.
+
+The catalog is streamed in batches; each batch's objects are written to small per-tile Parquet
+files under ``<out>/_plan/objects/<tile>/``, so no machine ever holds the whole catalog and the
+cut stage reads just its tile's objects. Objects that fall on no tile, or carry unusable
+coordinates, go straight to the failures table. ``_plan/plan.json`` is written last and marks the
+plan complete, so ``--resume`` reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from scanner import storage
+from scanner.catalog import invalid_coordinates, iter_catalog, table_to_bytes
+from scanner.footprints import FootprintIndex
+from scanner.tiles import Tile, discover_tiles, read_headers
+
+logger = logging.getLogger(__name__)
+
+FAILURE_SCHEMA = pa.schema([
+    ("objid", pa.int64()),
+    ("ra", pa.float64()),
+    ("dec", pa.float64()),
+    ("tile", pa.string()),
+    ("row", pa.int64()),
+    ("stage", pa.string()),
+    ("reason", pa.string()),
+])
+
+PLAN_OBJECT_SCHEMA = pa.schema([
+    ("objid", pa.int64()), ("ra", pa.float64()), ("dec", pa.float64()),
+    ("x", pa.float64()), ("y", pa.float64()), ("row", pa.int64()),
+])
+
+
+@dataclass
+class Plan:
+    """What the scan will do: the tiles, how many objects each holds, and what failed up front."""
+
+    tiles: list[Tile]
+    objects_per_tile: dict[str, int]
+    n_catalog: int
+    n_failed_plan: int
+    catalog: str
+    bands: tuple[str, ...]
+    catalog_has_tile: bool = False
+
+    def to_json(self) -> str:
+        d = {
+            "tiles": [t.to_dict() for t in self.tiles],
+            "objects_per_tile": self.objects_per_tile, "n_catalog": self.n_catalog,
+            "n_failed_plan": self.n_failed_plan, "catalog": self.catalog,
+            "bands": list(self.bands), "catalog_has_tile": self.catalog_has_tile,
+        }
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        d = json.loads(text)
+        tiles = [Tile.from_dict(t) for t in d["tiles"]]
+        return cls(tiles, d["objects_per_tile"], d["n_catalog"], d["n_failed_plan"], d["catalog"],
+                   tuple(d["bands"]), d["catalog_has_tile"])
+
+    def tile(self, name: str) -> Tile:
+        return next(t for t in self.tiles if t.name == name)
+
+
+def plan_dir(out: str) -> str:
+    return storage.join(out, "_plan")
+
+
+def objects_dir(out: str, tile: str) -> str:
+    return storage.join(out, "_plan", "objects", tile)
+
+
+def failures_dir(out: str) -> str:
+    return storage.join(out, "failures")
+
+
+def failure_table(objid, ra, dec, tile, row, stage: str, reasons) -> pa.Table:
+    """A failures-table chunk; scalars broadcast over the rows."""
+    n = len(objid)
+
+    def col(v, typ):
+        if isinstance(v, (list, np.ndarray, pa.Array, pa.ChunkedArray)):
+            return pa.array(v, type=typ) if not isinstance(v, (pa.Array, pa.ChunkedArray)) else v.cast(typ)
+        return pa.array([v] * n, type=typ)
+
+    return pa.table([col(objid, pa.int64()), col(ra, pa.float64()), col(dec, pa.float64()),
+                     col(tile, pa.string()), col(row, pa.int64()), col(stage, pa.string()),
+                     col(reasons, pa.string())], schema=FAILURE_SCHEMA)
+
+
+def read_all_headers(tiles: list[Tile], threads: int = 16) -> list[Tile]:
+    """Read every tile's headers concurrently (I/O bound: many small reads on cloud storage)."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(tqdm(pool.map(read_headers, tiles), total=len(tiles), desc="headers",
+                         unit="tile", leave=False, disable=len(tiles) < 50))
+
+
+def make_plan(tiles_url: str, pattern: str, bands: Sequence[str], catalog_url: str, out: str,
+              batch_rows: int = 1_000_000) -> Plan:
+    """Discover tiles, read their headers and stream the catalog into per-tile object lists."""
+    tiles = read_all_headers(discover_tiles(tiles_url, bands, pattern))
+    bad = [t for t in tiles if t.shape is None]
+    for t in bad:
+        logger.warning("%s", t.error)
+    index = FootprintIndex(tiles)
+    if not index.tiles:
+        raise FileNotFoundError(f"none of the {len(tiles)} tiles under {tiles_url} could be read: "
+                                f"{bad[0].error if bad else ''}")
+    counts: dict[str, int] = {t.name: 0 for t in tiles}
+    n_total = n_failed = 0
+    has_tile = False
+    fail_root = failures_dir(out)
+    if bad:
+        storage.write_bytes_atomic(storage.join(fail_root, "_tiles", "part-0.parquet"), table_to_bytes(
+            failure_table([None] * len(bad), None, None, [t.name for t in bad], None, "plan",
+                          [t.error for t in bad])))
+    bar = tqdm(desc="plan", unit="obj", leave=False)
+    for k, batch in enumerate(iter_catalog(catalog_url, batch_rows)):
+        ra = batch["ra"].to_numpy(zero_copy_only=False)
+        dec = batch["dec"].to_numpy(zero_copy_only=False)
+        invalid = invalid_coordinates(ra, dec)
+        has_tile = "tile" in batch.column_names
+        if has_tile:
+            match = index.on_named_tile(batch["tile"].to_numpy(zero_copy_only=False), ra, dec)
+        else:
+            match = index.match(np.where(invalid, np.nan, ra), np.where(invalid, np.nan, dec))
+        off = (match.tile_index < 0) & ~invalid
+        failed = invalid | off
+        if failed.any():
+            reasons = np.where(invalid, "invalid coordinates: ra must be in [0, 360) and dec in "
+                               "[-90, 90] degrees, not NaN",
+                               "named tile does not cover this position" if has_tile
+                               else "position is on no readable tile")
+            f = batch.filter(pa.array(failed))
+            storage.write_bytes_atomic(
+                storage.join(fail_root, "_plan", f"part-{k:06d}.parquet"),
+                table_to_bytes(failure_table(f["objid"], f["ra"], f["dec"],
+                                             f["tile"] if has_tile else None, f["row"], "plan",
+                                             reasons[failed])))
+        n_failed += int(failed.sum())
+        for i in np.unique(match.tile_index[~failed]):
+            sel = np.flatnonzero((match.tile_index == i) & ~failed)
+            name = index.tiles[int(i)].name
+            t = pa.table({"objid": batch["objid"].take(sel), "ra": pa.array(ra[sel]),
+                          "dec": pa.array(dec[sel]), "x": pa.array(match.x[sel]),
+                          "y": pa.array(match.y[sel]), "row": batch["row"].take(sel)},
+                         schema=PLAN_OBJECT_SCHEMA)
+            storage.write_bytes_atomic(storage.join(objects_dir(out, name), f"part-{k:06d}.parquet"),
+                                       table_to_bytes(t))
+            counts[name] += len(sel)
+        n_total += batch.num_rows
+        bar.update(batch.num_rows)
+    bar.close()
+    plan = Plan(tiles, counts, n_total, n_failed, catalog_url, tuple(bands), has_tile)
+    storage.write_bytes_atomic(storage.join(plan_dir(out), "plan.json"), plan.to_json().encode())
+    logger.info("plan: %d objects on %d tiles (%d unreadable), %d failed before cutting",
+                n_total, len(index.tiles), len(bad), n_failed)
+    return plan
+
+
+def load_plan(out: str) -> Plan | None:
+    """The finished plan of an earlier run of this scan, or None."""
+    url = storage.join(plan_dir(out), "plan.json")
+    return Plan.from_json(storage.read_bytes(url).decode()) if storage.exists(url) else None
+
+
+def read_tile_objects(out: str, tile: str) -> pa.Table:
+    """All planned objects of one tile."""
+    fs, path = storage.filesystem(objects_dir(out, tile))
+    files = sorted(storage.with_retries(lambda: fs.glob(path + "/part-*.parquet"), f"list {path}"))
+    tables = [pq.read_table(fs.open(p, "rb")) for p in files]
+    return pa.concat_tables(tables) if tables else PLAN_OBJECT_SCHEMA.empty_table()

@@ -1,0 +1,115 @@
+"""Storage through fsspec: local paths, ``file://``, ``memory://``, ``s3://``, ``gs://``.
+
+Ray Data retries system failures but never an exception raised inside our own stage, so transient
+storage errors are retried here, with backoff, before a stage turns them into failure rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+import uuid
+from typing import Callable, TypeVar
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errors that may pass on a second try; a missing file or a permission error never will.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, ConnectionError, BrokenPipeError)
+PERMANENT_OS_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` looks like a passing storage fault worth retrying."""
+    if isinstance(exc, PERMANENT_OS_ERRORS):
+        return False
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return True
+    # botocore/aiohttp errors are not importable without the cloud extra; match them by name.
+    name = type(exc).__name__
+    return any(k in name for k in ("Timeout", "Throttl", "SlowDown", "ServiceUnavailable",
+                                   "ConnectionClosed", "EndpointConnection", "ClientPayload"))
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, base_delay_s: float = 0.2) -> T:
+    """Return ``fn()``, retrying transient storage errors with exponential backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if attempt == attempts or not is_transient(exc):
+                raise
+            delay = base_delay_s * 2 ** (attempt - 1)
+            logger.warning("%s: transient error %r, retry %d/%d in %.1fs", what, exc, attempt,
+                           attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
+    """Return the fsspec filesystem for ``url`` and the path inside it."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def protocol_of(fs: AbstractFileSystem) -> str:
+    proto = fs.protocol
+    return proto[0] if isinstance(proto, (tuple, list)) else proto
+
+
+def full_url(fs: AbstractFileSystem, path: str) -> str:
+    """Turn a path inside ``fs`` back into a URL that fsspec and Ray understand."""
+    proto = protocol_of(fs)
+    if proto in ("file", "local"):
+        return path
+    return f"{proto}://{path.lstrip('/')}" if proto != "memory" else f"memory://{path}"
+
+
+def join(url: str, *parts: str) -> str:
+    """Join URL path parts with '/' whatever the filesystem."""
+    return posixpath.join(url.rstrip("/"), *parts)
+
+
+def read_bytes(url: str) -> bytes:
+    """Read a whole (small) file, retrying transient errors."""
+    fs, path = filesystem(url)
+    return with_retries(lambda: fs.cat_file(path), f"read {url}")
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write ``data`` so that readers see either nothing or the whole file.
+
+    Object stores put whole objects atomically; on file systems we write a temporary name in the
+    same directory and rename it, so an interrupted writer never leaves a complete-looking file.
+    """
+    fs, path = filesystem(url)
+    parent = posixpath.dirname(path)
+    proto = protocol_of(fs)
+
+    def _write() -> None:
+        fs.makedirs(parent, exist_ok=True)
+        if proto in ("file", "local", "memory"):
+            tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            fs.mv(tmp, path)
+        else:
+            with fs.open(path, "wb") as f:
+                f.write(data)
+
+    with_retries(_write, f"write {url}")
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return with_retries(lambda: fs.exists(path), f"stat {url}")

@@ -1,0 +1,272 @@
+"""Survey tiles: find them, read their headers (footprints) and, once per tile, their pixels.
+
+Two band layouts (DESIGN.md input contract): one file per band per tile, named by a pattern such as
+``{tile}_{band}.fits``, or one multi-extension file per tile (pattern ``{tile}.fits``) whose image
+HDUs carry ``EXTNAME`` = band. Either may be Rice tile-compressed (``.fits.fz``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
+
+from scanner import storage
+
+logger = logging.getLogger(__name__)
+
+# Survey headers often carry non-standard but harmless keywords that astropy 'fixes' noisily.
+warnings.filterwarnings("ignore", category=FITSFixedWarning)
+
+
+class TileError(RuntimeError):
+    """A tile that cannot be used; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class BandSource:
+    """Where one band of one tile lives: a file URL and the HDU inside it."""
+
+    url: str
+    hdu: int | str
+
+
+@dataclass
+class Tile:
+    """One survey tile: its bands' sources and, once headers are read, its geometry."""
+
+    name: str
+    sources: dict[str, BandSource]
+    shape: tuple[int, int] | None = None  # (ny, nx)
+    headers: dict[str, str] = field(default_factory=dict)  # band -> header text (WCS source)
+    error: str | None = None  # why the tile cannot be scanned; its objects become failure rows
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": self.shape, "error": self.error, "headers": self.headers,
+                "sources": {b: {"url": s.url, "hdu": s.hdu} for b, s in self.sources.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Tile":
+        return cls(d["name"], {b: BandSource(**s) for b, s in d["sources"].items()},
+                   tuple(d["shape"]) if d["shape"] else None, dict(d["headers"]), d["error"])
+
+    def wcs(self, band: str) -> WCS:
+        return WCS(fits.Header.fromstring(self.headers[band]), naxis=2)
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    """Regex that parses a file name made by ``pattern`` into its ``tile`` and ``band`` parts."""
+    parts = re.split(r"(\{tile\}|\{band\})", pattern)
+    rx = ""
+    for p in parts:
+        if p == "{tile}":
+            rx += r"(?P<tile>.+?)"
+        elif p == "{band}":
+            rx += r"(?P<band>[^_./]+)"
+        else:
+            rx += re.escape(p)
+    return re.compile(rx + r"$")
+
+
+def _glob_of(pattern: str) -> str:
+    return pattern.replace("{tile}", "*").replace("{band}", "*")
+
+
+def discover_tiles(tiles_url: str, bands: Sequence[str], pattern: str = "{tile}_{band}.fits") -> list[Tile]:
+    """List the tiles under ``tiles_url`` matching ``pattern``, with each band's source.
+
+    With ``{band}`` in the pattern each band is its own file; without it each file is a
+    multi-extension tile whose image HDUs are found by ``EXTNAME`` when headers are read.
+    A tile missing a requested band is kept with ``error`` set, so its objects are reported.
+    """
+    if "{tile}" not in pattern:
+        raise ValueError(f"tile pattern {pattern!r} lacks '{{tile}}'; e.g. '{{tile}}_{{band}}.fits'")
+    fs, root = storage.filesystem(tiles_url)
+    try:
+        paths = storage.with_retries(lambda: fs.glob(posixpath.join(root, _glob_of(pattern))),
+                                     f"list {tiles_url}")
+    except FileNotFoundError:
+        paths = []
+    rx = _pattern_regex(pattern)
+    per_band = "{band}" in pattern
+    found: dict[str, dict[str, BandSource]] = {}
+    for path in sorted(paths):
+        m = rx.match(posixpath.basename(path))
+        if not m:
+            continue
+        url = storage.full_url(fs, path)
+        name = m.group("tile")
+        if per_band:
+            band = m.group("band")
+            if band in bands:
+                found.setdefault(name, {})[band] = BandSource(url, -1)
+            else:
+                found.setdefault(name, {})
+        else:
+            found[name] = {b: BandSource(url, b) for b in bands}
+    if not found:
+        raise FileNotFoundError(
+            f"no tiles match {posixpath.join(tiles_url, pattern)!r}: check --tiles and --tile-pattern")
+    tiles = []
+    for name, sources in sorted(found.items()):
+        tile = Tile(name, sources)
+        missing = [b for b in bands if b not in sources]
+        if missing:
+            tile.error = (f"tile {name} lacks band(s) {','.join(missing)} "
+                          f"(no file matching {pattern.replace('{tile}', name)})")
+        tiles.append(tile)
+    return tiles
+
+
+def _open_hdul(url: str, data: bytes | None = None) -> fits.HDUList:
+    """Open a FITS file for reading: memory-mapped when local, else through fsspec bytes."""
+    if data is None:
+        fs, path = storage.filesystem(url)
+        if storage.protocol_of(fs) in ("file", "local"):
+            return fits.open(path, memmap=True, lazy_load_hdus=True)
+        data = storage.read_bytes(url)
+    return fits.open(io.BytesIO(data), lazy_load_hdus=True)
+
+
+def _image_hdu_index(hdul: fits.HDUList, want: int | str, url: str) -> int:
+    """Index of the image HDU: by EXTNAME for multi-extension tiles, else the first 2-D image."""
+    for i, hdu in enumerate(hdul):
+        if not isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
+            continue
+        hdr = hdu.header
+        if hdr.get("NAXIS", 0) != 2:
+            continue
+        if isinstance(want, str):
+            if str(hdr.get("EXTNAME", "")).strip() == want:
+                return i
+        else:
+            return i
+    if isinstance(want, str):
+        names = [str(h.header.get("EXTNAME", "")) for h in hdul]
+        raise TileError(f"{url}: no image HDU with EXTNAME={want!r} (found {names}); "
+                        f"check --bands against the file's extensions")
+    raise TileError(f"{url}: no 2-D image HDU; is this a survey image?")
+
+
+def _check_celestial(header: fits.Header, url: str) -> None:
+    wcs = WCS(header, naxis=2)
+    if not wcs.has_celestial or not wcs.wcs.ctype[0]:
+        raise TileError(f"{url}: header has no celestial WCS (CTYPE1/2, CRVAL, CRPIX, CD); "
+                        f"tiles must be astrometrically calibrated")
+
+
+def read_headers(tile: Tile) -> Tile:
+    """Fill ``tile.shape`` and per-band WCS headers, reading headers only; errors go to ``tile.error``.
+
+    A tile that lacks a band still gets its footprint from the bands it has, so the objects on it
+    are reported as failures of that tile rather than as objects off every tile.
+    """
+    if not tile.sources:
+        return tile
+    try:
+        by_url: dict[str, fits.HDUList] = {}
+        shape = None
+        for band, src in tile.sources.items():
+            hdul = by_url.get(src.url)
+            if hdul is None:
+                hdul = storage.with_retries(lambda: _open_hdul(src.url), f"open {src.url}")
+                by_url[src.url] = hdul
+            idx = _image_hdu_index(hdul, src.hdu, src.url)
+            tile.sources[band] = BandSource(src.url, idx)
+            hdr = hdul[idx].header
+            _check_celestial(hdr, src.url)
+            band_shape = (int(hdr["NAXIS2"]), int(hdr["NAXIS1"]))
+            if shape is not None and band_shape != shape:
+                raise TileError(f"tile {tile.name}: band {band} is {band_shape} pixels, other bands "
+                                f"{shape}; bands of one tile must share the pixel grid")
+            shape = band_shape
+            tile.headers[band] = hdr.tostring()
+        for hdul in by_url.values():
+            hdul.close()
+        first = next(iter(tile.headers))
+        ref = tile.wcs(first)
+        for band in tile.headers:
+            other = tile.wcs(band)
+            if not (np.allclose(ref.wcs.crval, other.wcs.crval, atol=1e-9)
+                    and np.allclose(ref.wcs.crpix, other.wcs.crpix, atol=1e-6)
+                    and np.allclose(ref.pixel_scale_matrix, other.pixel_scale_matrix, rtol=1e-9)):
+                raise TileError(f"tile {tile.name}: band {band} WCS differs from band {first}; bands "
+                                f"of one tile must share the pixel grid (resample to a common grid)")
+        tile.shape = shape
+    except TileError as exc:
+        tile.error = tile.error or str(exc)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file costs its tile, not the scan
+        tile.error = tile.error or (f"tile {tile.name}: cannot read header ({type(exc).__name__}: "
+                                    f"{exc}); check the file")
+    return tile
+
+
+def read_pixels(tile: Tile, bands: Sequence[str]) -> np.ndarray:
+    """Return the tile's pixels as a float32 array (n_bands, ny, nx), bands in the given order.
+
+    Raises :class:`TileError` naming the file for truncated, non-FITS or all-NaN data.
+    """
+    out = None
+    by_url: dict[str, fits.HDUList] = {}
+    try:
+        for c, band in enumerate(bands):
+            src = tile.sources[band]
+            hdul = by_url.get(src.url)
+            if hdul is None:
+                hdul = storage.with_retries(lambda: _open_hdul(src.url), f"open {src.url}")
+                by_url[src.url] = hdul
+            idx = src.hdu if isinstance(src.hdu, int) and src.hdu >= 0 else _image_hdu_index(hdul, src.hdu, src.url)
+            try:
+                data = hdul[idx].data
+            except Exception as exc:  # noqa: BLE001
+                raise TileError(f"{src.url}: cannot read pixel data ({type(exc).__name__}: {exc}); "
+                                f"the file may be truncated") from exc
+            if data is None or data.ndim != 2:
+                raise TileError(f"{src.url}: HDU {idx} holds no 2-D image")
+            if out is None:
+                out = np.empty((len(bands),) + data.shape, dtype=np.float32)
+            if data.shape != out.shape[1:]:
+                raise TileError(f"tile {tile.name}: band {band} shape {data.shape} differs from "
+                                f"{out.shape[1:]}")
+            out[c] = data
+            if not np.isfinite(out[c]).any():
+                raise TileError(f"{src.url}: band {band} of tile {tile.name} is all NaN/inf")
+    finally:
+        for hdul in by_url.values():
+            hdul.close()
+    assert out is not None
+    return out
+
+
+def tile_footprint(tile: Tile) -> tuple[np.ndarray, float]:
+    """Unit vector of the tile centre and the angular radius (radians) enclosing its corners."""
+    assert tile.shape is not None
+    ny, nx = tile.shape
+    wcs = tile.wcs(next(iter(tile.headers)))
+    xs = np.array([-0.5, nx - 0.5, nx - 0.5, -0.5, (nx - 1) / 2])
+    ys = np.array([-0.5, -0.5, ny - 0.5, ny - 0.5, (ny - 1) / 2])
+    ra, dec = wcs.pixel_to_world_values(xs, ys)
+    vec = radec_to_unit(np.asarray(ra), np.asarray(dec))
+    centre = vec[-1]
+    radius = float(np.max(np.arccos(np.clip(vec[:4] @ centre, -1.0, 1.0))))
+    return centre, radius
+
+
+def radec_to_unit(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
+    """Unit vectors (N, 3) on the sphere for ICRS coordinates in degrees."""
+    ra = np.radians(ra_deg)
+    dec = np.radians(dec_deg)
+    cd = np.cos(dec)
+    return np.stack([cd * np.cos(ra), cd * np.sin(ra), np.sin(dec)], axis=-1)
+
+
+def usable(tiles: Iterable[Tile]) -> list[Tile]:
+    return [t for t in tiles if t.shape is not None]

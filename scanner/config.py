@@ -69,7 +69,7 @@ class ScanConfig:
     resume: bool = False
     overwrite: bool = False
     address: str | None = None
-    max_missing_fraction: float = 0.5
+    max_missing_fraction: float = 0.8
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -206,8 +206,8 @@ def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult
                                                   "use_gpu": gpus > 0},
                            compute=ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=2),
                            max_restarts=3, max_task_retries=3)
-              .map_batches(ShardWriter, batch_size=max(config.batch_size, 4096), batch_format="pyarrow",
-                           num_cpus=0.25, max_retries=3,
+              .map_batches(ShardWriter, batch_size=4 * config.batch_size, batch_format="pyarrow",
+                           num_cpus=0, max_restarts=3, max_task_retries=3,
                            fn_constructor_kwargs={"out": config.out, "score_columns": ensemble.columns,
                                                   "metadata": metadata},
                            compute=ActorPoolStrategy(size=1)))

@@ -145,7 +145,8 @@ def _image_hdu_index(hdul: fits.HDUList, want: int | str, url: str) -> int:
         if hdr.get("NAXIS", 0) != 2:
             continue
         if isinstance(want, str):
-            if str(hdr.get("EXTNAME", "")).strip() == want:
+            # astropy upper-cases EXTNAME given as name=; survey files may use either case.
+            if str(hdr.get("EXTNAME", "")).strip().lower() == want.lower():
                 return i
         else:
             return i

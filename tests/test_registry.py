@@ -176,7 +176,9 @@ def test_column_name_is_sanitised_name_and_version(tmp_path):
     assert loaded.column == "score_lens_finder_v2__g_r_i__v7"
 
 
-@pytest.mark.parametrize("pickle_name", ["weights.pt", "model.pth", "extra.pkl", "a.pickle", "pytorch_model.bin", "last.ckpt"])
+@pytest.mark.parametrize(
+    "pickle_name", ["weights.pt", "model.pth", "extra.pkl", "a.pickle", "pytorch_model.bin", "last.ckpt"]
+)
 def test_version_with_a_pickle_file_is_refused(tmp_path, pickle_name):
     version_dir = save_tiny(tmp_path)
     (version_dir / pickle_name).write_bytes(b"\x80\x04K\x01.")
@@ -320,7 +322,8 @@ def test_ensemble_refuses_stamps_of_the_wrong_shape(registry):
 
 def test_ensemble_refuses_versions_with_different_input_specs_naming_both(tmp_path):
     save_tiny(tmp_path, name="gri", version=1)
-    save_tiny(tmp_path, name="gri-finer", version=1, spec=InputSpec(bands=("g", "r", "i"), stamp_size_pix=16, pixel_scale_arcsec=0.2))
+    finer = InputSpec(bands=("g", "r", "i"), stamp_size_pix=16, pixel_scale_arcsec=0.2)
+    save_tiny(tmp_path, name="gri-finer", version=1, spec=finer)
     with pytest.raises(RegistryError, match=r"gri v1 .* and gri-finer v1 .*pixel_scale_arcsec: 0\.26 vs 0\.2"):
         load_ensemble([tmp_path])
 
@@ -350,3 +353,11 @@ def test_shipped_default_ensemble_loads_and_scores(tmp_path):
     scores = ensemble.predict(stamps(2, InputSpec()))
     assert scores.shape == (2, 4)
     assert ((scores > 0) & (scores < 1)).all()
+
+
+def test_resnetv2_trains_through_its_in_place_activations():
+    model = ResNetV2(3, depth=11, width=2).train()
+    x = torch.randn(4, 3, 16, 16, requires_grad=True)
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 0, 1])).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert torch.isfinite(x.grad).all()

@@ -136,6 +136,8 @@ def _ray_init(address: str | None) -> None:
 
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, configure_logging=False)
+    # Our progress bar and summary say what the user needs; Ray Data's per-dataset INFO lines do not.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _actor_pool(config: ScanConfig) -> tuple[int, float, float]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -95,7 +94,7 @@ class EnsembleScorer:
     Rows that already failed (``failure`` non-empty) are passed through with NaN scores.
     """
 
-    def __init__(self, model_dirs: Sequence[str], use_gpu: bool = False, fault_after_batches: int = 0):
+    def __init__(self, model_dirs: Sequence[str], use_gpu: bool = False):
         import torch
 
         from scanner.registry import load_ensemble
@@ -106,14 +105,8 @@ class EnsembleScorer:
         self.ensemble.to(self.device)
         self.on_gpu = self.device.type == "cuda"
         self.columns = list(self.ensemble.columns)
-        # Test-only switch: kill this actor's process after N batches (fault-tolerance tests).
-        self._fault_after = fault_after_batches or int(os.environ.get("LENSSCAN_FAULT_AFTER_BATCHES", 0))
-        self._batches = 0
 
     def __call__(self, batch: Batch) -> Batch:
-        self._batches += 1
-        if self._fault_after and self._batches > self._fault_after:
-            os._exit(1)
         out = {k: batch[k] for k in ROW_COLUMNS}
         n = len(out["objid"])
         scores = np.full((n, len(self.columns)), np.nan, dtype=np.float32)

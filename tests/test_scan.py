@@ -91,24 +91,29 @@ def test_a_second_scan_into_the_same_output_is_refused_without_resume(scanned, t
 
 
 def _scan_cmd(survey, models, out, *extra):
+    import ray
+
+    # The session's cluster by its exact address: 'auto' is ambiguous when another cluster runs.
+    address = ray.get_runtime_context().gcs_address
     return [sys.executable, "-m", "scanner.cli", "scan", "--tiles", survey.tiles_url, "--catalog",
             survey.catalog_url, "--tile-pattern", survey.tile_pattern, "--models", models,
-            "--out", str(out), "--address", "auto", "--batch-size", "16", *extra]
+            "--out", str(out), "--address", address, "--batch-size", "16", *extra]
 
 
 def test_killed_scan_resumes_to_the_uninterrupted_result(scanned, tiny_survey, default_models, tmp_path):
     _, reference = scanned
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "killed.log"
     proc = subprocess.Popen(_scan_cmd(tiny_survey, default_models, out), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"))
     manifest = out / "_manifest"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
         if manifest.exists() and any(manifest.glob("*.json")):
             break
         time.sleep(0.02)
-    assert proc.poll() is None, "the scan finished before it could be interrupted"
+    assert proc.poll() is None, f"the scan ended before it could be interrupted: {log.read_text()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n_tiles = len(tiny_survey.tiles)

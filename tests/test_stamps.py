@@ -138,3 +138,11 @@ def test_missing_band_names_the_tile_and_band(tmp_path):
     (tile,) = discover_tiles(str(tmp_path), BANDS)
     read_headers(tile)
     assert "lacks band(s) i" in tile.error and tile.shape == (32, 32)
+
+
+def test_file_url_and_plain_path_find_the_same_tiles(tmp_path):
+    _tile(tmp_path)
+    (a,) = discover_tiles(str(tmp_path), BANDS)
+    (b,) = discover_tiles(f"file://{tmp_path}", BANDS)
+    read_headers(a), read_headers(b)
+    np.testing.assert_array_equal(read_pixels(a, BANDS), read_pixels(b, BANDS))

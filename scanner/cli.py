@@ -44,7 +44,7 @@ def demo_survey():
 
 def cmd_scan(args: argparse.Namespace) -> int:
     from scanner.config import ScanConfig
-    from scanner.pipeline import ScanRefused, run_scan
+    from scanner.pipeline import ScanRefused, root_cause, run_scan
     from scanner.registry import RegistryError, default_models_dir
 
     tiles, catalog, pattern, out = args.tiles, args.catalog, args.tile_pattern, args.out
@@ -70,6 +70,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
     except (ScanRefused, RegistryError, FileNotFoundError, ValueError) as exc:
         print(f"lensscan scan: refused: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - one line for the user; the traceback is in -v logs
+        cause = root_cause(exc)
+        logger.debug("scan failed", exc_info=exc)
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        print(f"lensscan scan: failed: {type(cause).__name__}: {first}; finished tiles are kept, fix "
+              f"the cause and re-run the same command with --resume", file=sys.stderr)
+        return 1
     print(result.summary())
     print(f"candidates: {out}/candidates.parquet" + (f"  csv: {out}/candidates.csv" if args.csv else ""))
     if result.n_failed:
@@ -145,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:
         parser.print_help()

@@ -59,6 +59,18 @@ class ScanResult:
                 f"{self.stamps_per_s:.0f} stamps/s -> {self.out}")
 
 
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost error behind Ray's wrappers (a task error wraps the stage's own exception)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
 def manifest_dir(out: str) -> str:
     return storage.join(out, "_manifest")
 
@@ -171,7 +183,10 @@ def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult
     bands = resolve_bands(config, ensemble)
     spec = ensemble.input_spec
     identity = _identity(config, ensemble, bands)
-    _prepare_output(config, identity)
+    try:
+        _prepare_output(config, identity)
+    except OSError as exc:
+        raise ScanRefused(f"cannot write to --out {config.out}: {exc}; choose a writable location") from exc
 
     plan = load_plan(config.out) if config.resume else None
     if plan is None:
@@ -263,7 +278,8 @@ def _dataset(url: str) -> pads.Dataset | None:
     fs, path = storage.filesystem(url)
     if not fs.exists(path):
         return None
-    return pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=False)
+    # Failures of the plan live under "_plan"/"_tiles", which pyarrow would skip by default.
+    return pads.dataset(path, filesystem=fs, format="parquet", ignore_prefixes=["."])
 
 
 def read_candidates(out: str, columns: list[str] | None = None) -> pa.Table:

@@ -43,6 +43,32 @@ PLAN_OBJECT_SCHEMA = pa.schema([
 ])
 
 
+INVALID_COORDINATES = "invalid coordinates: ra must be in [0, 360) and dec in [-90, 90] degrees, not NaN"
+
+
+class IdSet:
+    """The objids seen so far, as sorted int64 arrays (8 bytes an object, not a Python set).
+
+    Duplicate objids would silently overwrite each other downstream (a pitfall peers hit), so the
+    plan sends every repeat to the failures table instead.
+    """
+
+    def __init__(self) -> None:
+        self._sorted = np.zeros(0, dtype=np.int64)
+
+    def add(self, ids: np.ndarray) -> np.ndarray:
+        """Add ``ids``; return a mask of those already seen (earlier batches or earlier in ``ids``)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.searchsorted(self._sorted, ids)
+        pos[pos == len(self._sorted)] = 0
+        dup = (self._sorted[pos] == ids) if len(self._sorted) else np.zeros(len(ids), bool)
+        order = np.argsort(ids, kind="stable")
+        repeat = np.zeros(len(ids), dtype=bool)
+        repeat[order[1:]] = ids[order[1:]] == ids[order[:-1]]
+        self._sorted = np.union1d(self._sorted, ids)
+        return dup | repeat
+
+
 @dataclass
 class Plan:
     """What the scan will do: the tiles, how many objects each holds, and what failed up front."""
@@ -127,29 +153,35 @@ def make_plan(tiles_url: str, pattern: str, bands: Sequence[str], catalog_url: s
         storage.write_bytes_atomic(storage.join(fail_root, "_tiles", "part-0.parquet"), table_to_bytes(
             failure_table([None] * len(bad), None, None, [t.name for t in bad], None, "plan",
                           [t.error for t in bad])))
+    seen = IdSet()
     bar = tqdm(desc="plan", unit="obj", leave=False)
     for k, batch in enumerate(iter_catalog(catalog_url, batch_rows)):
         ra = batch["ra"].to_numpy(zero_copy_only=False)
         dec = batch["dec"].to_numpy(zero_copy_only=False)
-        invalid = invalid_coordinates(ra, dec)
+        objid = batch["objid"].fill_null(-1).to_numpy()
         has_tile = "tile" in batch.column_names
+        reasons = np.full(batch.num_rows, "", dtype=object)
+        reasons[invalid_coordinates(ra, dec)] = INVALID_COORDINATES
+        has_id = ~batch["objid"].is_null().to_numpy(zero_copy_only=False)
+        reasons[~has_id] = "objid is missing"
+        repeated = np.zeros(batch.num_rows, dtype=bool)
+        repeated[has_id] = seen.add(objid[has_id])
+        reasons[(reasons == "") & repeated] = "duplicate objid: an earlier catalog row has it"
+        usable = reasons == ""
         if has_tile:
             match = index.on_named_tile(batch["tile"].to_numpy(zero_copy_only=False), ra, dec)
         else:
-            match = index.match(np.where(invalid, np.nan, ra), np.where(invalid, np.nan, dec))
-        off = (match.tile_index < 0) & ~invalid
-        failed = invalid | off
+            match = index.match(np.where(usable, ra, np.nan), np.where(usable, dec, np.nan))
+        reasons[usable & (match.tile_index < 0)] = ("the catalog's tile does not cover this position"
+                                                     if has_tile else "position is on no readable tile")
+        failed = reasons != ""
         if failed.any():
-            reasons = np.where(invalid, "invalid coordinates: ra must be in [0, 360) and dec in "
-                               "[-90, 90] degrees, not NaN",
-                               "named tile does not cover this position" if has_tile
-                               else "position is on no readable tile")
             f = batch.filter(pa.array(failed))
             storage.write_bytes_atomic(
                 storage.join(fail_root, "_plan", f"part-{k:06d}.parquet"),
                 table_to_bytes(failure_table(f["objid"], f["ra"], f["dec"],
                                              f["tile"] if has_tile else None, f["row"], "plan",
-                                             reasons[failed])))
+                                             reasons[failed].tolist())))
         n_failed += int(failed.sum())
         for i in np.unique(match.tile_index[~failed]):
             sel = np.flatnonzero((match.tile_index == i) & ~failed)

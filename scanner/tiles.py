@@ -115,6 +115,14 @@ def discover_tiles(tiles_url: str, bands: Sequence[str], pattern: str = "{tile}_
     if not found:
         raise FileNotFoundError(
             f"no tiles match {posixpath.join(tiles_url, pattern)!r}: check --tiles and --tile-pattern")
+    if per_band:
+        present = {b for sources in found.values() for b in sources}
+        absent = [b for b in bands if b not in present]
+        if absent:
+            names = sorted({rx.match(posixpath.basename(p)).group("band") for p in paths
+                            if rx.match(posixpath.basename(p))})
+            raise ValueError(f"no tile under {tiles_url} has band(s) {','.join(absent)}; the files "
+                             f"have bands {','.join(names)}: check --bands")
     tiles = []
     for name, sources in sorted(found.items()):
         tile = Tile(name, sources)
@@ -164,34 +172,49 @@ def _check_celestial(header: fits.Header, url: str) -> None:
                         f"tiles must be astrometrically calibrated")
 
 
+def _read_band_header(tile: Tile, band: str, hduls: dict[str, fits.HDUList]) -> fits.Header:
+    src = tile.sources[band]
+    try:
+        hdul = hduls.get(src.url)
+        if hdul is None:
+            hdul = storage.with_retries(lambda: _open_hdul(src.url), f"open {src.url}")
+            hduls[src.url] = hdul
+        idx = _image_hdu_index(hdul, src.hdu, src.url)
+        hdr = hdul[idx].header
+    except TileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unreadable file costs its tile, not the scan
+        raise TileError(f"{src.url}: cannot read FITS header ({type(exc).__name__}: {exc}); is it a "
+                        f"complete FITS file?") from exc
+    tile.sources[band] = BandSource(src.url, idx)
+    return hdr
+
+
 def read_headers(tile: Tile) -> Tile:
     """Fill ``tile.shape`` and per-band WCS headers, reading headers only; errors go to ``tile.error``.
 
-    A tile that lacks a band still gets its footprint from the bands it has, so the objects on it
-    are reported as failures of that tile rather than as objects off every tile.
+    A tile with one bad or missing band still gets its footprint from the bands that read, so
+    the objects on it are reported as failures of that tile, with its reason, rather than as
+    objects off every tile.
     """
-    if not tile.sources:
-        return tile
-    try:
-        by_url: dict[str, fits.HDUList] = {}
-        shape = None
-        for band, src in tile.sources.items():
-            hdul = by_url.get(src.url)
-            if hdul is None:
-                hdul = storage.with_retries(lambda: _open_hdul(src.url), f"open {src.url}")
-                by_url[src.url] = hdul
-            idx = _image_hdu_index(hdul, src.hdu, src.url)
-            tile.sources[band] = BandSource(src.url, idx)
-            hdr = hdul[idx].header
-            _check_celestial(hdr, src.url)
+    hduls: dict[str, fits.HDUList] = {}
+    errors = [tile.error] if tile.error else []
+    shape = None
+    for band in list(tile.sources):
+        try:
+            hdr = _read_band_header(tile, band, hduls)
+            _check_celestial(hdr, tile.sources[band].url)
             band_shape = (int(hdr["NAXIS2"]), int(hdr["NAXIS1"]))
             if shape is not None and band_shape != shape:
                 raise TileError(f"tile {tile.name}: band {band} is {band_shape} pixels, other bands "
                                 f"{shape}; bands of one tile must share the pixel grid")
             shape = band_shape
             tile.headers[band] = hdr.tostring()
-        for hdul in by_url.values():
-            hdul.close()
+        except TileError as exc:
+            errors.append(str(exc))
+    for hdul in hduls.values():
+        hdul.close()
+    if tile.headers:
         first = next(iter(tile.headers))
         ref = tile.wcs(first)
         for band in tile.headers:
@@ -199,14 +222,10 @@ def read_headers(tile: Tile) -> Tile:
             if not (np.allclose(ref.wcs.crval, other.wcs.crval, atol=1e-9)
                     and np.allclose(ref.wcs.crpix, other.wcs.crpix, atol=1e-6)
                     and np.allclose(ref.pixel_scale_matrix, other.pixel_scale_matrix, rtol=1e-9)):
-                raise TileError(f"tile {tile.name}: band {band} WCS differs from band {first}; bands "
-                                f"of one tile must share the pixel grid (resample to a common grid)")
+                errors.append(f"tile {tile.name}: band {band} WCS differs from band {first}; bands "
+                              f"of one tile must share the pixel grid (resample to a common grid)")
         tile.shape = shape
-    except TileError as exc:
-        tile.error = tile.error or str(exc)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file costs its tile, not the scan
-        tile.error = tile.error or (f"tile {tile.name}: cannot read header ({type(exc).__name__}: "
-                                    f"{exc}); check the file")
+    tile.error = errors[0] if errors else None
     return tile
 
 

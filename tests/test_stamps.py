@@ -135,9 +135,17 @@ def test_tile_without_celestial_wcs_is_reported(tmp_path):
 
 def test_missing_band_names_the_tile_and_band(tmp_path):
     write_tile(tmp_path, "t0", noisy_tile(32, 2), tan_wcs(1, 1, 32), ("g", "r"))
-    (tile,) = discover_tiles(str(tmp_path), BANDS)
-    read_headers(tile)
-    assert "lacks band(s) i" in tile.error and tile.shape == (32, 32)
+    write_tile(tmp_path, "t1", noisy_tile(32, 3), tan_wcs(2, 1, 32), BANDS)
+    t0, t1 = discover_tiles(str(tmp_path), BANDS)
+    read_headers(t0), read_headers(t1)
+    assert "lacks band(s) i" in t0.error and t0.shape == (32, 32)
+    assert t1.error is None
+
+
+def test_bands_no_tile_has_are_refused_with_the_bands_found(tmp_path):
+    write_tile(tmp_path, "t0", noisy_tile(32, 3), tan_wcs(1, 1, 32), BANDS)
+    with pytest.raises(ValueError, match="no tile .* has band.*z.*g,i,r"):
+        discover_tiles(str(tmp_path), ("g", "r", "z"))
 
 
 def test_file_url_and_plain_path_find_the_same_tiles(tmp_path):

@@ -172,6 +172,24 @@ def _check_celestial(header: fits.Header, url: str) -> None:
                         f"tiles must be astrometrically calibrated")
 
 
+# Header cards worth keeping beyond the WCS: photometry and PSF for injection, identity for errors.
+KEPT_CARDS = ("NAXIS1", "NAXIS2", "BAND", "FILTER", "EXTNAME", "MAGZERO", "MAGZPT", "ZP", "SEEING",
+              "FWHM", "PSFBETA", "SKYLEVEL", "SKYSIG", "GAIN", "EXPTIME", "PIXSCALE", "TILENAME")
+
+
+def compact_header(hdr: fits.Header) -> str:
+    """The header cards the scan and training use (WCS, photometry, PSF), as text.
+
+    Full survey headers run to many kilobytes each; the plan keeps one per band per tile, so it
+    keeps only these to stay small for surveys of 10^5 tiles.
+    """
+    out = WCS(hdr, naxis=2).to_header(relax=True)
+    for key in KEPT_CARDS:
+        if key in hdr:
+            out[key] = hdr[key]
+    return out.tostring()
+
+
 def _read_band_header(tile: Tile, band: str, hduls: dict[str, fits.HDUList]) -> fits.Header:
     src = tile.sources[band]
     try:
@@ -209,7 +227,7 @@ def read_headers(tile: Tile) -> Tile:
                 raise TileError(f"tile {tile.name}: band {band} is {band_shape} pixels, other bands "
                                 f"{shape}; bands of one tile must share the pixel grid")
             shape = band_shape
-            tile.headers[band] = hdr.tostring()
+            tile.headers[band] = compact_header(hdr)
         except TileError as exc:
             errors.append(str(exc))
     for hdul in hduls.values():

@@ -47,7 +47,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from scanner.pipeline import ScanRefused, root_cause, run_scan
     from scanner.registry import RegistryError, default_models_dir
 
-    tiles, catalog, pattern, out = args.tiles, args.catalog, args.tile_pattern, args.out
+    tiles, catalog, pattern, out, truth = args.tiles, args.catalog, args.tile_pattern, args.out, args.truth
     resume, overwrite = args.resume, args.overwrite
     if tiles is None:
         if catalog is not None:
@@ -55,6 +55,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
             return 2
         survey = demo_survey()
         tiles, catalog, pattern = survey.tiles_url, survey.catalog_url, survey.tile_pattern
+        truth = truth or survey.truth_url
         out = out or "lensscan-demo-scan"
         overwrite = overwrite or not resume
     if out is None:
@@ -64,7 +65,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     config = ScanConfig(tiles=tiles, catalog=catalog, out=out, model_dirs=models,
                         bands=_bands(args.bands), tile_pattern=pattern, batch_size=args.batch_size,
                         num_actors=args.num_actors, num_gpus_per_actor=args.num_gpus_per_actor,
-                        write_csv=args.csv, resume=resume, overwrite=overwrite, address=args.address)
+                        write_csv=args.csv, resume=resume, overwrite=overwrite, address=args.address,
+                        truth=truth, report_top_n=args.report_top)
     try:
         result = run_scan(config)
     except (ScanRefused, RegistryError, FileNotFoundError, ValueError) as exc:
@@ -79,6 +81,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         return 1
     print(result.summary())
     print(f"candidates: {out}/candidates.parquet" + (f"  csv: {out}/candidates.csv" if args.csv else ""))
+    if config.report_top_n > 0:
+        print(f"report:     {out}/report.html (open it in a browser to inspect and grade)")
     if result.n_failed:
         print(f"failures:   {out}/failures (every object that could not be scored, with the reason)")
     return result.exit_code
@@ -124,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the CPUs)")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="GPUs per scoring actor "
                    "(0: score on CPUs)")
+    p.add_argument("--truth", help="truth table (objid, is_lens) for the report's PR curve; the demo "
+                   "uses its own")
+    p.add_argument("--report-top", type=int, default=200, help="candidates in report.html "
+                   "(0: no report; default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted scan in --out")
     p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
     p.set_defaults(func=cmd_scan)
@@ -140,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a file per band, or one multi-extension file per tile")
     p.add_argument("--compress", action="store_true", help="Rice tile-compress (.fits.fz)")
     p.set_defaults(func=cmd_mock_survey)
+
+    from scanner.report import add_report_command
+
+    add_report_command(sub)
 
     for ep in entry_points(group="lensscan.commands"):
         try:

@@ -7,7 +7,7 @@ One place for every knob: the CLI fills these dataclasses, and they are written 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -70,7 +70,8 @@ class ScanConfig:
     overwrite: bool = False
     address: str | None = None
     max_missing_fraction: float = 0.8
-    extra: dict[str, Any] = field(default_factory=dict)
+    truth: str | None = None  # optional objid,is_lens table: the report adds PR curve and precision
+    report_top_n: int = 200  # candidates in report.html's gallery; 0 writes no report
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

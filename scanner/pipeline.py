@@ -49,6 +49,7 @@ class ScanResult:
     seconds: float
     stamps_per_s: float
     models: list[dict[str, Any]] = field(default_factory=list)
+    nodes: dict[str, list[str]] = field(default_factory=dict)  # Ray node ids that cut / scored
 
     @property
     def exit_code(self) -> int:
@@ -208,6 +209,9 @@ def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult
         ctx.enable_progress_bars = False
         # A model load that keeps failing is a bug to report, not something to retry forever.
         ctx.max_consecutive_actor_init_deaths = 3
+        # A lost node surfaces inside a consuming actor task as an actor or object error, which
+        # Ray treats as the task's own; both stages are pure or idempotent, so retry those.
+        ctx.actor_task_retry_on_errors = [ray.exceptions.RayActorError, ray.exceptions.ObjectLostError]
         n_actors, cpus, gpus = _actor_pool(config)
         items = [{"tile": t.name, "tile_json": json.dumps(t.to_dict())} for t in todo]
 
@@ -216,26 +220,41 @@ def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult
                 yield from cut_tile(str(tile_json), config.out, spec, bands,
                                     config.max_missing_fraction, chunk_rows=config.batch_size * 4)
 
+        runtime_env = {"env_vars": storage.worker_env()}
+        # Retries, chosen rather than inherited: a cut or write task lost with its node (a system
+        # failure) is re-run up to 3 times; a scoring actor that dies is restarted up to 3 times
+        # and its in-flight batches re-sent. Both are safe because shard names are a hash of their
+        # objids, so a re-run replaces a file instead of duplicating rows. Errors raised by our own
+        # code are not retried: stages turn them into failure rows instead.
         ds = (ray.data.from_items(items, override_num_blocks=len(items))
-              .map_batches(cut, batch_size=1, num_cpus=1, max_retries=3)
+              .map_batches(cut, batch_size=1, num_cpus=1, runtime_env=runtime_env,
+                           max_retries=3)
               .map_batches(EnsembleScorer, batch_size=config.batch_size, num_cpus=cpus, num_gpus=gpus,
                            fn_constructor_kwargs={"model_dirs": list(config.model_dirs),
                                                   "use_gpu": gpus > 0},
                            compute=ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=2),
+                           runtime_env=runtime_env,
                            max_restarts=3, max_task_retries=3)
               .map_batches(ShardWriter, batch_size=4 * config.batch_size, batch_format="pyarrow",
-                           num_cpus=0, max_restarts=3, max_task_retries=3,
+                           num_cpus=0, runtime_env=runtime_env,
+                           max_restarts=3, max_task_retries=3,
                            fn_constructor_kwargs={"out": config.out, "score_columns": ensemble.columns,
                                                   "metadata": metadata},
                            compute=ActorPoolStrategy(size=1)))
-        _consume(ds, plan, config.out, n_todo)
+        nodes = _consume(ds, plan, config.out, n_todo)
 
-    return _finish(config, plan, models, time.perf_counter() - t0, n_todo)
+    else:
+        nodes = {"cut": [], "score": []}
+    return _finish(config, plan, models, spec.to_dict(), time.perf_counter() - t0, n_todo, nodes)
 
 
-def _consume(ds, plan: Plan, out: str, n_todo: int) -> None:
-    """Drive the stream; mark each tile finished once every one of its objects is written."""
+def _consume(ds, plan: Plan, out: str, n_todo: int) -> dict[str, list[str]]:
+    """Drive the stream; mark each tile finished once every one of its objects is written.
+
+    Returns the Ray nodes that cut and scored stamps.
+    """
     written: dict[str, dict[str, tuple[int, int]]] = {}
+    nodes: dict[str, set[str]] = {"cut": set(), "score": set()}
     bar = tqdm(total=n_todo, desc="scan", unit="obj", smoothing=0.1)
     for row in ds.iter_rows():
         tile, shard = str(row["tile"]), str(row["shard"])
@@ -243,6 +262,8 @@ def _consume(ds, plan: Plan, out: str, n_todo: int) -> None:
         if shard not in shards:
             bar.update(int(row["n_scored"]) + int(row["n_failed"]))
         shards[shard] = (int(row["n_scored"]), int(row["n_failed"]))
+        nodes["cut"].update(n for n in str(row["cut_nodes"]).split(",") if n)
+        nodes["score"].update(n for n in str(row["score_nodes"]).split(",") if n)
         n_scored = sum(s for s, _ in shards.values())
         n_failed = sum(f for _, f in shards.values())
         if n_scored + n_failed == plan.objects_per_tile[tile]:
@@ -251,9 +272,11 @@ def _consume(ds, plan: Plan, out: str, n_todo: int) -> None:
             storage.write_bytes_atomic(storage.join(manifest_dir(out), f"{tile}.json"),
                                        json.dumps(entry).encode())
     bar.close()
+    return {k: sorted(v) for k, v in nodes.items()}
 
 
-def _finish(config: ScanConfig, plan: Plan, models: list[dict], seconds: float, n_cut: int) -> ScanResult:
+def _finish(config: ScanConfig, plan: Plan, models: list[dict], input_spec: dict, seconds: float,
+            n_cut: int, nodes: dict[str, list[str]]) -> ScanResult:
     done = finished_tiles(config.out)
     n_scored = sum(e["n_scored"] for e in done.values())
     n_failed = plan.n_failed_plan + sum(e["n_failed"] for e in done.values())
@@ -263,14 +286,23 @@ def _finish(config: ScanConfig, plan: Plan, models: list[dict], seconds: float, 
         raise RuntimeError(f"scan ended with {len(unfinished)} tile(s) unfinished ({unfinished[:5]}); "
                            f"re-run with --resume")
     result = ScanResult(config.out, plan.n_catalog, n_scored, n_failed, seconds,
-                        n_cut / seconds if seconds > 0 else math.nan, models)
+                        n_cut / seconds if seconds > 0 else math.nan, models, nodes)
     if config.write_csv:
         write_csv(config.out)
     report = {"lensscan_version": __version__, "config": config.to_dict(), "models": models,
+              "bands": list(plan.bands), "input_spec": input_spec,
               "n_catalog": plan.n_catalog, "n_scored": n_scored, "n_failed": n_failed,
               "n_tiles": len(plan.tiles), "n_tiles_unreadable": sum(t.shape is None for t in plan.tiles),
-              "seconds_last_run": seconds, "stamps_per_s_last_run": result.stamps_per_s}
+              "seconds_last_run": seconds, "stamps_per_s_last_run": result.stamps_per_s,
+              "nodes_last_run": nodes}
     storage.write_bytes_atomic(storage.join(config.out, "scan.json"), json.dumps(report, indent=1).encode())
+    if config.report_top_n > 0:
+        from scanner.report import write_report
+
+        try:
+            write_report(config.out, truth=config.truth, top_n=config.report_top_n)
+        except Exception as exc:  # noqa: BLE001 - the catalogs are the product; the page is a view
+            logger.warning("scan finished but report.html could not be written: %s", exc)
     return result
 
 

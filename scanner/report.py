@@ -35,10 +35,11 @@ import json
 import logging
 import math
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -70,6 +71,9 @@ JPEG_QUALITY = 85
 #: only hundreds of sigma up.
 LUPTON_STRETCH_SIGMA = 5.0
 LUPTON_Q = 8.0
+
+#: Colour of stamp pixels with no data (outside the tile or masked in every band).
+MISSING_RGB = (70, 70, 70)
 
 #: Effective wavelengths (nm) that order bands from blue to red for the colour stamps.
 BAND_WAVELENGTH_NM: dict[str, float] = {
@@ -145,17 +149,13 @@ def _candidates_dataset(out: str) -> pads.Dataset | None:
 def _catalog_metadata(out: str) -> dict[str, Any]:
     """The ``lensscan`` metadata of the candidate shards (models, bands, input spec), or {}."""
     ds = _candidates_dataset(out)
-    if ds is None or not ds.files:
-        return {}
-    fs, _ = storage.filesystem(out)
-    with fs.open(ds.files[0], "rb") as f:
-        meta = pq.read_schema(f).metadata or {}
+    meta = (ds.schema.metadata or {}) if ds is not None else {}
     return json.loads(meta[b"lensscan"]) if b"lensscan" in meta else {}
 
 
-def version_columns(schema: pa.Schema) -> list[str]:
-    """Names of the per-version score columns (``score_<model>_v<k>``), in catalog order."""
-    return [n for n in schema.names if re.fullmatch(r"score_.+_v\d+", n)]
+def version_columns(names: Sequence[str]) -> list[str]:
+    """The per-version score columns (``score_<model>_v<k>``) among ``names``, in their order."""
+    return [n for n in names if re.fullmatch(r"score_.+_v\d+", n)]
 
 
 def _ranked_scores(out: str) -> pa.Table:
@@ -203,13 +203,15 @@ def colour_stamps(stamps: np.ndarray, bands: Sequence[str]) -> np.ndarray:
 
     Each band is sky-subtracted and divided by its sky noise (median and MAD of the stamp's outer
     frame, as in normalisation), so the stretch is fixed in noise units: faint arcs show at a few
-    sigma while bright cores keep their colour. Missing pixels (NaN) are shown as sky.
+    sigma while bright cores keep their colour. Pixels outside the tile or masked in every band
+    are painted grey, so they are not mistaken for empty sky.
     """
     from astropy.visualization import make_lupton_rgb
 
     n, c, s, _ = stamps.shape
     level, noise = sky_level_and_noise(stamps)
     snr = np.nan_to_num((stamps - level[..., None, None]) / noise[..., None, None])
+    blank = np.isnan(stamps).all(axis=1)
     red, green, blue = rgb_band_order(bands)
     out = np.empty((n, s, s, 3), np.uint8)
     for k in range(n):
@@ -217,6 +219,7 @@ def colour_stamps(stamps: np.ndarray, bands: Sequence[str]) -> np.ndarray:
         g = snr[k, green] if c != 2 else 0.5 * (r + b)
         with np.errstate(divide="ignore", invalid="ignore"):  # blank sky pixels divide 0 by 0
             rgb = make_lupton_rgb(r, g, b, minimum=0.0, stretch=LUPTON_STRETCH_SIGMA, Q=LUPTON_Q)
+        rgb[blank[k]] = MISSING_RGB
         # FITS row 0 is the bottom of the image; browsers draw row 0 at the top.
         out[k] = rgb[::-1]
     return out
@@ -277,25 +280,38 @@ def thumbnails(plan: Plan, top: pd.DataFrame, stamp_size: int,
 # Truth and metrics
 
 
+def _truth_columns(url: str, wanted: Sequence[str]) -> pd.DataFrame:
+    """The columns of ``wanted`` that the Parquet or CSV table at ``url`` has."""
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb", compression="infer") as f:
+        if re.search(r"\.(csv|txt)(\.\w+)?$", path.lower()):
+            return pd.read_csv(f, comment="#", usecols=lambda c: c in wanted)
+        parquet = pq.ParquetFile(f)
+        names = parquet.schema_arrow.names
+        return parquet.read(columns=[c for c in wanted if c in names]).to_pandas()
+
+
 def read_truth(url: str) -> pd.DataFrame:
     """The truth table's ``objid`` (int64) and ``is_lens`` (bool), from Parquet or CSV."""
-    fs, path = storage.filesystem(url)
+    wanted = ("objid", "is_lens")
     try:
-        with fs.open(path, "rb", compression="infer") as f:
-            if re.search(r"\.(csv|txt)(\.\w+)?$", path.lower()):
-                frame = pd.read_csv(f, comment="#")
-            else:
-                frame = pq.read_table(f).to_pandas()
+        frame = _truth_columns(url, wanted)
     except FileNotFoundError:
         raise ReportError(f"--truth {url}: no such file") from None
     except (ValueError, OSError, pa.ArrowInvalid) as exc:
         raise ReportError(f"--truth {url}: cannot read it as Parquet or CSV ({exc})") from None
-    missing = {"objid", "is_lens"} - set(frame.columns)
+    missing = set(wanted) - set(frame.columns)
     if missing:
         raise ReportError(f"--truth {url} lacks column(s) {sorted(missing)}; it needs objid and "
                           f"is_lens (true for lenses), e.g. a mock survey's truth.parquet")
-    return pd.DataFrame({"objid": frame["objid"].astype(np.int64),
-                         "is_lens": frame["is_lens"].astype(bool)})
+    if frame["objid"].isna().any() or frame["is_lens"].isna().any():
+        raise ReportError(f"--truth {url}: objid and is_lens must have no missing values")
+    try:
+        return pd.DataFrame({"objid": frame["objid"].astype(np.int64),
+                             "is_lens": frame["is_lens"].astype(bool)})
+    except (ValueError, TypeError) as exc:
+        raise ReportError(f"--truth {url}: objid must be integers and is_lens booleans "
+                          f"({exc})") from None
 
 
 def summarise_truth(ranked: pa.Table, truth: pd.DataFrame, top_n: int) -> TruthSummary:
@@ -347,7 +363,8 @@ def score_histogram(scores: np.ndarray, lens_scores: np.ndarray | None, top_thre
         ax.hist(lens_scores, bins=edges, color="#dd8452", label=f"true lenses ({lens_scores.size})")
     if top_threshold is not None:
         ax.axvline(top_threshold, color="k", ls="--", lw=1, label=f"score of candidate {n_top}")
-    ax.set_yscale("log")
+    if scores.size:
+        ax.set_yscale("log")
     ax.set_xlabel("ensemble score")
     ax.set_ylabel("objects")
     ax.legend(fontsize=8, frameon=False)
@@ -355,7 +372,7 @@ def score_histogram(scores: np.ndarray, lens_scores: np.ndarray | None, top_thre
 
 
 def pr_figure(truth: TruthSummary) -> str:
-    """PNG data URI of the precision-recall curve, marking the top N and the top 1%."""
+    """PNG data URI of the precision-recall curve, marking the gallery's top N."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.2, 3.2))
@@ -383,10 +400,12 @@ def _esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+def _table(header: Sequence[str] | None, rows: Iterable[Sequence[Any]]) -> str:
+    """An HTML table of escaped cells; ``header=None`` for a two-column list of facts."""
+    head = ("<thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr></thead>"
+            if header else "")
     body = "".join("<tr>" + "".join(f"<td>{_esc(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -426,20 +445,19 @@ def _fold_numbers(reason: str) -> str:
 
 def _failures_html(out: str) -> str:
     """Failure counts by stage and reason, and the first few failure rows."""
-    failures = read_failures(out).to_pandas()
-    if failures.empty:
+    failures = read_failures(out)
+    if failures.num_rows == 0:
         return "<p>No failures: every catalog object was scored.</p>"
-    folded = failures.assign(reason=failures["reason"].map(_fold_numbers))
-    counts = (folded.groupby(["stage", "reason"]).size().sort_values(ascending=False)
-              .reset_index(name="objects"))
-    examples = failures.head(FAILURE_EXAMPLES)
-    return (f"<p>{len(failures)} failure rows in <code>failures/</code>, by stage and reason "
+    kinds = pd.DataFrame({"stage": failures["stage"].to_pylist(),
+                          "reason": [_fold_numbers(r or "") for r in failures["reason"].to_pylist()]})
+    counts = kinds.value_counts(["stage", "reason"]).reset_index(name="rows")
+    columns = ("objid", "ra", "dec", "tile", "stage", "reason")
+    examples = failures.select(list(columns)).slice(0, FAILURE_EXAMPLES).to_pylist()
+    return (f"<p>{failures.num_rows} failure rows in <code>failures/</code>, by stage and reason "
             f"(numbers folded to #):</p>"
             + _table(("stage", "reason", "rows"), counts.itertuples(index=False))
             + f"<p>First {len(examples)} rows:</p>"
-            + _table(("objid", "ra", "dec", "tile", "stage", "reason"),
-                     examples[["objid", "ra", "dec", "tile", "stage", "reason"]]
-                     .astype(object).where(examples.notna(), "").itertuples(index=False)))
+            + _table(columns, ([("" if r[c] is None else r[c]) for c in columns] for r in examples)))
 
 
 def _provenance_html(scan: ScanOutput, columns: Sequence[str]) -> str:
@@ -447,9 +465,10 @@ def _provenance_html(scan: ScanOutput, columns: Sequence[str]) -> str:
     s = scan.scan
     config = s.get("config", {})
     models = s.get("models") or scan.metadata.get("models", [])
-    column_of = dict(zip(range(len(models)), columns)) if len(columns) == len(models) else {}
-    model_rows = [(m.get("name"), m.get("version"), column_of.get(k, ""), m.get("content_hash"))
-                  for k, m in enumerate(models)]
+    # The scan writes one score column per version, in the order it lists the models.
+    model_columns = list(columns) if len(columns) == len(models) else [""] * len(models)
+    model_rows = [(m.get("name"), m.get("version"), col, m.get("content_hash"))
+                  for m, col in zip(models, model_columns)]
     spec = scan.metadata.get("input_spec", {})
     facts = [
         ("scan output", scan.out),
@@ -463,7 +482,7 @@ def _provenance_html(scan: ScanOutput, columns: Sequence[str]) -> str:
         ("report by", f"lensscan {__version__}, "
                       f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}"),
     ]
-    return ("<h3>Scan</h3>" + _table(("", ""), facts)
+    return ("<h3>Scan</h3>" + _table(None, facts)
             + "<h3>Models</h3>" + _table(("model", "version", "score column", "content hash"),
                                          model_rows)
             + "<h3>Failures</h3>" + _failures_html(scan.out))
@@ -490,7 +509,7 @@ def gallery_data(top: pd.DataFrame, columns: Sequence[str], images: dict[int, st
                "y": round(float(row.y), 2), "score": _finite_or_none(row.score, 6),
                "score_std": _finite_or_none(row.score_std, 6),
                "versions": [_finite_or_none(getattr(row, c), 4) for c in columns],
-               "flags": describe_flags(int(row.flags)).replace("-", ""),
+               "flags": describe_flags(int(row.flags)) if row.flags else "",
                "img": images.get(objid), "why": missing.get(objid, "")}
         if is_lens is not None:
             rec["lens"] = bool(is_lens[k])
@@ -535,16 +554,16 @@ def write_report(out: str, truth: str | None = None, top_n: int = 200) -> str:
     scan = _read_scan(out)
     ranked = _ranked_scores(out)
     top = _top_candidates(out, ranked, top_n)
-    columns = version_columns(_candidates_dataset(out).schema) if len(top) else []
+    columns = version_columns(list(top.columns))
     stamp_size = int(scan.metadata.get("input_spec", {}).get("stamp_size_pix", 64))
     images, missing = thumbnails(scan.plan, top, stamp_size) if len(top) else ({}, {})
     summary = summarise_truth(ranked, read_truth(truth), top_n) if truth else None
     scores = ranked["score"].to_numpy().astype(np.float64)
     threshold = float(scores[len(top) - 1]) if len(top) else None
     hist = score_histogram(scores, summary.lens_scores if summary else None, threshold, len(top))
-    data = {"scan_key": scan.scan_key, "page_size": PAGE_SIZE, "thumb_px": max(96, 2 * stamp_size),
-            "grades": list(GRADES), "version_labels": _version_labels(columns),
-            "version_columns": list(columns), "has_truth": summary is not None,
+    data = {"scan_key": scan.scan_key, "page_size": PAGE_SIZE, "grades": list(GRADES),
+            "thumb_px": min(160, max(96, 2 * stamp_size)), "has_truth": summary is not None,
+            "version_labels": _version_labels(columns), "version_columns": list(columns),
             "candidates": gallery_data(top, columns, images, missing,
                                        summary.is_lens_top if summary else None)}
     subtitle = (f"Top {len(top)} of {len(ranked)} scored objects "
@@ -578,7 +597,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         url = write_report(args.out, truth=args.truth, top_n=args.top)
     except ReportError as exc:
-        print(f"lensscan report: refused: {exc}")
+        print(f"lensscan report: refused: {exc}", file=sys.stderr)
         return 2
     print(f"report: {url}")
     return 0
@@ -642,13 +661,14 @@ h3 { font-size: 1em; margin-bottom: .3em; }
            display: flex; flex-wrap: wrap; gap: .8em; align-items: center; }
 .help { color: #555; font-size: .9em; margin: 0 0 .6em; }
 kbd { border: 1px solid #bbb; border-radius: 3px; padding: 0 .3em; background: #fff; font-size: .9em; }
-.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 10px; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(185px, 1fr)); gap: 10px; }
 .card { background: #fff; border: 2px solid #ddd; border-radius: 6px; padding: 6px; font-size: 12px;
         cursor: pointer; outline: none; }
 .card.current { border-color: #2a6fdb; box-shadow: 0 0 0 2px #2a6fdb55; }
 .card img, .card .nostamp { display: block; margin: 0 auto 4px; background: #000; }
 .card .nostamp { color: #ddd; font-size: 11px; padding: 4px; box-sizing: border-box; overflow: hidden; }
 .card .rank { float: right; color: #888; }
+.card .coords, .card .where { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 .card .objid { font-weight: 600; }
 .card .versions, .card .where { color: #666; }
 .card .flags { color: #a0522d; font-weight: 600; }
@@ -766,7 +786,7 @@ _SCRIPT = r"""
       id.appendChild(node("span", "truth " + (c.lens ? "lens" : "nonlens"), c.lens ? "lens" : "non-lens"));
     }
     el.appendChild(id);
-    el.appendChild(node("div", "", "RA " + c.ra.toFixed(5) + " Dec " + signed(c.dec, 5)));
+    el.appendChild(node("div", "coords", "RA " + c.ra.toFixed(5) + " Dec " + signed(c.dec, 5)));
     el.appendChild(node("div", "", "score " + num(c.score, 4) + " \u00b1 " + num(c.score_std, 4)));
     var v = node("div", "versions", c.versions.map(function (s, k) {
       return DATA.version_labels[k] + " " + num(s, 3);

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -26,7 +27,18 @@ logger = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
 
 # Columns every batch carries from the cut to the write; ``stamp`` is dropped by the scorer.
-ROW_COLUMNS = ("objid", "ra", "dec", "tile", "x", "y", "row", "flags", "missing_fraction", "failure")
+ROW_COLUMNS = ("objid", "ra", "dec", "tile", "x", "y", "row", "flags", "missing_fraction", "failure",
+               "cut_node")
+
+
+def node_id() -> str:
+    """The Ray node this stage runs on ('' outside Ray), so a scan can report how it spread."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - only a statistic
+        return ""
 
 
 def candidates_dir(out: str) -> str:
@@ -55,6 +67,7 @@ def cut_tile(tile_json: str, out: str, spec: InputSpec, bands: Sequence[str],
     if n == 0:
         return
     cols = {c: objects[c].to_numpy() for c in ("objid", "ra", "dec", "x", "y", "row")}
+    node = node_id()
     error = plan_tile.error
     pixels = None
     if error is None:
@@ -69,6 +82,7 @@ def cut_tile(tile_json: str, out: str, spec: InputSpec, bands: Sequence[str],
         m = sl.stop - sl.start
         batch: Batch = {k: v[sl] for k, v in cols.items()}
         batch["tile"] = np.full(m, plan_tile.name, dtype=object)
+        batch["cut_node"] = np.full(m, node, dtype=object)
         if pixels is None:
             s, c = spec.stamp_size_pix, spec.n_channels
             batch["stamp"] = np.zeros((m, c, s, s), np.float16)
@@ -105,9 +119,26 @@ class EnsembleScorer:
         self.ensemble.to(self.device)
         self.on_gpu = self.device.type == "cuda"
         self.columns = list(self.ensemble.columns)
+        self.node = node_id()
+        self._batches = 0
+
+    def _test_fault(self) -> None:
+        """Test-only switch: with LENSSCAN_TEST_KILL_SCORER=<file>, the first actor to reach its
+        second batch creates the file and dies mid-batch, as a crashed GPU worker would."""
+        marker = os.environ.get("LENSSCAN_TEST_KILL_SCORER")
+        if marker and self._batches == 2:
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.close(fd)
+            os._exit(1)
 
     def __call__(self, batch: Batch) -> Batch:
+        self._batches += 1
+        self._test_fault()
         out = {k: batch[k] for k in ROW_COLUMNS}
+        out["score_node"] = np.full(len(out["objid"]), self.node, dtype=object)
         n = len(out["objid"])
         scores = np.full((n, len(self.columns)), np.nan, dtype=np.float32)
         ok = np.flatnonzero(np.asarray(batch["failure"]) == "")
@@ -137,7 +168,10 @@ class ShardWriter:
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         tiles_col = batch["tile"].to_numpy(zero_copy_only=False)
         failure = batch["failure"].to_numpy(zero_copy_only=False)
-        summary: dict[str, list] = {"tile": [], "shard": [], "n_scored": [], "n_failed": []}
+        summary: dict[str, list] = {"tile": [], "shard": [], "n_scored": [], "n_failed": [],
+                                    "cut_nodes": [], "score_nodes": []}
+        cut_nodes = batch["cut_node"].to_numpy(zero_copy_only=False)
+        score_nodes = batch["score_node"].to_numpy(zero_copy_only=False)
         for tile in np.unique(tiles_col):
             in_tile = tiles_col == tile
             ok = in_tile & (failure == "")
@@ -162,4 +196,6 @@ class ShardWriter:
             summary["shard"].append(name)
             summary["n_scored"].append(int(ok.sum()))
             summary["n_failed"].append(int(bad.sum()))
+            summary["cut_nodes"].append(",".join(sorted(set(cut_nodes[in_tile]))))
+            summary["score_nodes"].append(",".join(sorted(set(score_nodes[in_tile]))))
         return {k: np.asarray(v) for k, v in summary.items()}

@@ -7,6 +7,7 @@ storage errors are retried here, with backoff, before a stage turns them into fa
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import time
 import uuid
@@ -54,6 +55,16 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, base_delay_s
                            attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+# Storage configuration that Ray workers must share with the driver (endpoint, credentials,
+# region), forwarded through the tasks' runtime_env. On a cluster with instance roles none are set.
+WORKER_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCSFS_", "FSSPEC_", "LENSSCAN_")
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables the driver forwards to its Ray workers for storage access."""
+    return {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}
 
 
 def filesystem(url: str) -> tuple[AbstractFileSystem, str]:

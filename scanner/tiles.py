@@ -134,14 +134,16 @@ def discover_tiles(tiles_url: str, bands: Sequence[str], pattern: str = "{tile}_
     return tiles
 
 
-def _open_hdul(url: str, data: bytes | None = None) -> fits.HDUList:
-    """Open a FITS file for reading: memory-mapped when local, else through fsspec bytes."""
-    if data is None:
-        fs, path = storage.filesystem(url)
-        if storage.protocol_of(fs) in ("file", "local"):
-            return fits.open(path, memmap=True, lazy_load_hdus=True)
-        data = storage.read_bytes(url)
-    return fits.open(io.BytesIO(data), lazy_load_hdus=True)
+def _open_hdul(url: str, headers_only: bool = False) -> fits.HDUList:
+    """Open a FITS file: memory-mapped when local; on remote storage, either a seekable stream
+    that fetches only the header blocks (for footprints) or the whole object in one request
+    (for pixels, which are read once per tile)."""
+    fs, path = storage.filesystem(url)
+    if storage.protocol_of(fs) in ("file", "local"):
+        return fits.open(path, memmap=True, lazy_load_hdus=True)
+    if headers_only:
+        return fits.open(fs.open(path, "rb", block_size=2880 * 32), lazy_load_hdus=True)
+    return fits.open(io.BytesIO(storage.read_bytes(url)), lazy_load_hdus=True)
 
 
 def _image_hdu_index(hdul: fits.HDUList, want: int | str, url: str) -> int:
@@ -195,7 +197,7 @@ def _read_band_header(tile: Tile, band: str, hduls: dict[str, fits.HDUList]) -> 
     try:
         hdul = hduls.get(src.url)
         if hdul is None:
-            hdul = storage.with_retries(lambda: _open_hdul(src.url), f"open {src.url}")
+            hdul = storage.with_retries(lambda: _open_hdul(src.url, headers_only=True), f"open {src.url}")
             hduls[src.url] = hdul
         idx = _image_hdu_index(hdul, src.hdu, src.url)
         hdr = hdul[idx].header

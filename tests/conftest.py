@@ -18,7 +18,9 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": always a fresh cluster, never one left running by another process.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
     yield ray
     ray.shutdown()
 
@@ -32,3 +34,20 @@ def tiny_survey(tmp_path_factory):
 @pytest.fixture(scope="session")
 def default_models():
     return str(default_models_dir())
+
+
+def scan_config(survey, models: str, out, **kw):
+    """The ScanConfig tests use for a mock survey (small batches: several per tile)."""
+    from scanner.config import ScanConfig
+
+    return ScanConfig(tiles=survey.tiles_url, catalog=survey.catalog_url, out=str(out),
+                      model_dirs=(models,), tile_pattern=survey.tile_pattern, batch_size=64, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_scan(ray_cluster, tiny_survey, default_models, tmp_path_factory):
+    """The tiny survey scanned once on the single-node cluster: the reference result."""
+    from scanner.pipeline import run_scan
+
+    out = tmp_path_factory.mktemp("scan") / "out"
+    return run_scan(scan_config(tiny_survey, default_models, out, write_csv=True)), out

@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
-from scanner.config import ScanConfig
 from scanner.metrics import (average_precision, precision_at_top, precision_recall,
                              recall_in_top_fraction)
-from scanner.pipeline import read_candidates, run_scan
-from scanner.report import ReportError, add_report_command, rgb_band_order, write_report
+from scanner.pipeline import read_candidates
+from scanner.report import (ReportError, add_report_command, read_truth, rgb_band_order,
+                            summarise_truth, write_report)
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -165,11 +166,10 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def scan_out(ray_cluster, tiny_survey, default_models, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("report-scan") / "out"
-    run_scan(ScanConfig(tiles=tiny_survey.tiles_url, catalog=tiny_survey.catalog_url, out=str(out),
-                        model_dirs=(default_models,), tile_pattern=tiny_survey.tile_pattern,
-                        batch_size=64))
+def scan_out(tiny_scan, tmp_path_factory) -> Path:
+    """A copy of the session's tiny scan: reports written here leave the reference scan as it is."""
+    out = tmp_path_factory.mktemp("report") / "scan"
+    shutil.copytree(tiny_scan[1], out)
     return out
 
 
@@ -268,6 +268,30 @@ def test_report_without_truth_shows_scores_and_gallery_only(browser, scan_out, t
     assert browser.errors() == []
 
 
+def _gallery_data(page: str) -> dict[str, Any]:
+    start = page.index('id="lensscan-data">') + len('id="lensscan-data">')
+    return json.loads(page[start:page.index("</script>", start)])
+
+
+def test_candidates_on_a_tile_gone_since_the_scan_are_listed_without_a_stamp(scan_out, ranked,
+                                                                             tmp_path):
+    out = tmp_path / "scan"
+    shutil.copytree(scan_out, out)
+    plan_file = out / "_plan" / "plan.json"
+    plan = json.loads(plan_file.read_text())
+    gone = ranked["tile"].iloc[0]
+    for tile in plan["tiles"]:
+        if tile["name"] == gone:
+            for source in tile["sources"].values():
+                source["url"] = str(tmp_path / "moved-away.fits")
+    plan_file.write_text(json.dumps(plan))
+    cards = _gallery_data(Path(write_report(str(out), top_n=20)).read_text())["candidates"]
+    assert len(cards) == 20
+    for card in cards:
+        assert (card["img"] is None) == (card["tile"] == gone)
+        assert (gone in card["why"]) == (card["tile"] == gone)
+
+
 def test_report_command_writes_the_page_and_refuses_a_directory_without_a_scan(scan_out, tmp_path,
                                                                                capsys):
     parser = argparse.ArgumentParser()
@@ -278,9 +302,22 @@ def test_report_command_writes_the_page_and_refuses_a_directory_without_a_scan(s
     assert args.func(args) == 0 and (out / "report.html").exists()
     args = parser.parse_args(["report", str(tmp_path / "nothing")])
     assert args.func(args) == 2
-    assert "not a finished lensscan scan" in capsys.readouterr().out
+    assert "not a finished lensscan scan" in capsys.readouterr().err
     with pytest.raises(ReportError, match="--top 0"):
         write_report(str(out), top_n=0)
+
+
+def test_truth_may_be_a_csv_listing_only_the_known_lenses(ranked, tmp_path):
+    known = tmp_path / "known.csv"
+    known.write_text("# two known lenses\nobjid,is_lens\n" + "".join(
+        f"{o},true\n" for o in ranked["objid"].iloc[[0, 3]]))
+    table = pa.Table.from_pandas(ranked[["objid", "score"]], preserve_index=False)
+    summary = summarise_truth(table, read_truth(str(known)), top_n=2)
+    assert summary.n_lenses_scored == 2 and summary.precision_top_n == 0.5
+    assert summary.n_scored_without_truth == len(ranked) - 2
+    (tmp_path / "bad.csv").write_text("objid,label\n1,1\n")
+    with pytest.raises(ReportError, match="is_lens"):
+        read_truth(str(tmp_path / "bad.csv"))
 
 
 def test_colour_stamps_map_the_reddest_band_to_red_and_the_bluest_to_blue():

@@ -15,23 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from scanner.config import ScanConfig
 from scanner.cutouts import make_stamps
 from scanner.pipeline import ScanRefused, read_candidates, read_failures, run_scan
 from scanner.registry import load_ensemble
 from scanner.tiles import discover_tiles, read_headers, read_pixels
-
-
-def _config(survey, models, out, **kw) -> ScanConfig:
-    return ScanConfig(tiles=survey.tiles_url, catalog=survey.catalog_url, out=str(out),
-                      model_dirs=(models,), tile_pattern=survey.tile_pattern, batch_size=64, **kw)
+from tests.conftest import scan_config
 
 
 @pytest.fixture(scope="module")
-def scanned(ray_cluster, tiny_survey, default_models, tmp_path_factory):
-    out = tmp_path_factory.mktemp("scan") / "out"
-    result = run_scan(_config(tiny_survey, default_models, out, write_csv=True))
-    return result, out
+def scanned(tiny_scan):
+    return tiny_scan
 
 
 def test_every_object_is_scored_or_failed_exactly_once(scanned, tiny_survey):
@@ -87,7 +80,7 @@ def test_scores_equal_a_plain_torch_forward_and_ensemble_columns_are_mean_and_st
 def test_a_second_scan_into_the_same_output_is_refused_without_resume(scanned, tiny_survey, default_models):
     _, out = scanned
     with pytest.raises(ScanRefused, match="--resume"):
-        run_scan(_config(tiny_survey, default_models, out))
+        run_scan(scan_config(tiny_survey, default_models, out))
 
 
 def _scan_cmd(survey, models, out, *extra):

@@ -1,0 +1,88 @@
+"""Multi-node scans on a real ``ray.cluster_utils.Cluster`` (one process can join one cluster, so
+``tests/test_cluster.py`` runs this in a subprocess).
+
+    python -m tests.cluster_scenarios SURVEY_JSON MODELS WORKDIR  ->  prints one JSON line
+
+Scenarios, each a full scan of the same survey into its own output:
+  spread      3 worker nodes, 3 scoring actors: where did cutting and scoring run?
+  actor-death a scoring actor kills itself mid-batch (test-only switch); Ray restarts it
+  node-loss   a worker node is removed while the scan runs
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ray.cluster_utils import Cluster
+
+from scanner.config import ScanConfig
+from scanner.pipeline import run_scan
+
+
+def _config(survey: dict, models: str, out: Path, **kw) -> ScanConfig:
+    return ScanConfig(tiles=survey["tiles_url"], catalog=survey["catalog_url"], out=str(out),
+                      model_dirs=(models,), tile_pattern=survey["tile_pattern"], batch_size=16, **kw)
+
+
+def _scan(survey: dict, models: str, out: Path, **kw) -> dict:
+    t = time.perf_counter()
+    r = run_scan(_config(survey, models, out, **kw))
+    return {"out": str(out), "n_scored": r.n_scored, "n_failed": r.n_failed, "nodes": r.nodes,
+            "seconds": time.perf_counter() - t, "stamps_per_s": r.stamps_per_s}
+
+
+def main() -> None:
+    survey = json.loads(Path(sys.argv[1]).read_text())
+    models, work = sys.argv[2], Path(sys.argv[3])
+    import ray
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=2) for _ in range(3)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    try:
+        print(json.dumps(run(cluster, workers, survey, models, work)))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def run(cluster: Cluster, workers: list, survey: dict, models: str, work: Path) -> dict:
+    result: dict = {"worker_nodes": [n.node_id for n in workers]}
+
+    result["spread"] = _scan(survey, models, work / "spread", num_actors=3)
+
+    marker = work / "scorer-died"
+    os.environ["LENSSCAN_TEST_KILL_SCORER"] = str(marker)
+    result["actor_death"] = _scan(survey, models, work / "actor-death", num_actors=2)
+    result["actor_death"]["actor_died"] = marker.exists()
+    del os.environ["LENSSCAN_TEST_KILL_SCORER"]
+
+    out = work / "node-loss"
+    victim = workers[-1]
+    removed = threading.Event()
+
+    def remove_when_started() -> None:
+        manifest = out / "_manifest"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (manifest.exists() and any(manifest.iterdir())):
+            time.sleep(0.05)
+        cluster.remove_node(victim, allow_graceful=False)
+        removed.set()
+
+    killer = threading.Thread(target=remove_when_started, daemon=True)
+    killer.start()
+    result["node_loss"] = _scan(survey, models, out, num_actors=2)
+    killer.join(timeout=5)
+    result["node_loss"]["node_removed_during_scan"] = removed.is_set()
+    result["node_loss"]["removed_node"] = victim.node_id
+    return result
+
+
+if __name__ == "__main__":
+    main()

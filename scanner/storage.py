@@ -68,8 +68,13 @@ def worker_env() -> dict[str, str]:
 
 
 def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
-    """Return the fsspec filesystem for ``url`` and the path inside it."""
+    """Return the fsspec filesystem for ``url`` and the path inside it.
+
+    Object-store filesystems cache directory listings per process; other processes (Ray
+    workers) write shards and manifest entries behind that cache, so every lookup starts fresh.
+    """
     fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
     return fs, path
 
 

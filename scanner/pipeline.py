@@ -176,9 +176,6 @@ def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult
     Returns a :class:`ScanResult` (also written as ``scan.json``). Raises :class:`ScanRefused`
     before doing any work when the inputs or the output location are not usable.
     """
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
-
     t0 = time.perf_counter()
     ensemble = ensemble or load_ensemble(list(config.model_dirs))
     bands = resolve_bands(config, ensemble)
@@ -194,67 +191,96 @@ def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult
         if config.catalog is None:
             raise ScanRefused("no --catalog given; give the survey's object catalog (objid, ra, dec)")
         plan = make_plan(config.tiles, config.tile_pattern, bands, config.catalog, config.out)
-    done = finished_tiles(config.out)
-    todo = [t for t in plan.tiles if plan.objects_per_tile.get(t.name, 0) > 0 and t.name not in done]
-    _remove_partial_shards(config.out, [t.name for t in todo])
-    n_todo = sum(plan.objects_per_tile[t.name] for t in todo)
-    logger.info("%d tiles to scan (%d objects), %d already finished", len(todo), n_todo, len(done))
-
     models = ensemble.describe()
     metadata = {"lensscan_version": __version__, "models": models, "bands": list(bands),
                 "input_spec": spec.to_dict()}
-    if todo:
+    nodes: dict[str, set[str]] = {"cut": set(), "score": set()}
+    n_cut = 0
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        done = finished_tiles(config.out)
+        todo = [t for t in plan.tiles if plan.objects_per_tile.get(t.name, 0) > 0 and t.name not in done]
+        if not todo:
+            break
+        _remove_partial_shards(config.out, [t.name for t in todo])
+        n_todo = sum(plan.objects_per_tile[t.name] for t in todo)
+        logger.info("%d tiles to scan (%d objects), %d already finished", len(todo), n_todo, len(done))
         _ray_init(config.address)
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False
-        # A model load that keeps failing is a bug to report, not something to retry forever.
-        ctx.max_consecutive_actor_init_deaths = 3
-        # A lost node surfaces inside a consuming actor task as an actor or object error, which
-        # Ray treats as the task's own; both stages are pure or idempotent, so retry those.
-        ctx.actor_task_retry_on_errors = [ray.exceptions.RayActorError, ray.exceptions.ObjectLostError]
-        n_actors, cpus, gpus = _actor_pool(config)
-        items = [{"tile": t.name, "tile_json": json.dumps(t.to_dict())} for t in todo]
-
-        def cut(batch: dict[str, np.ndarray]):
-            for tile_json in batch["tile_json"]:
-                yield from cut_tile(str(tile_json), config.out, spec, bands,
-                                    config.max_missing_fraction, chunk_rows=config.batch_size * 4)
-
-        runtime_env = {"env_vars": storage.worker_env()}
-        # Retries, chosen rather than inherited: a cut or write task lost with its node (a system
-        # failure) is re-run up to 3 times; a scoring actor that dies is restarted up to 3 times
-        # and its in-flight batches re-sent. Both are safe because shard names are a hash of their
-        # objids, so a re-run replaces a file instead of duplicating rows. Errors raised by our own
-        # code are not retried: stages turn them into failure rows instead.
-        ds = (ray.data.from_items(items, override_num_blocks=len(items))
-              .map_batches(cut, batch_size=1, num_cpus=1, runtime_env=runtime_env,
-                           max_retries=3)
-              .map_batches(EnsembleScorer, batch_size=config.batch_size, num_cpus=cpus, num_gpus=gpus,
-                           fn_constructor_kwargs={"model_dirs": list(config.model_dirs),
-                                                  "use_gpu": gpus > 0},
-                           compute=ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=2),
-                           runtime_env=runtime_env,
-                           max_restarts=3, max_task_retries=3)
-              .map_batches(ShardWriter, batch_size=4 * config.batch_size, batch_format="pyarrow",
-                           num_cpus=0, runtime_env=runtime_env,
-                           max_restarts=3, max_task_retries=3,
-                           fn_constructor_kwargs={"out": config.out, "score_columns": ensemble.columns,
-                                                  "metadata": metadata},
-                           compute=ActorPoolStrategy(size=1)))
-        nodes = _consume(ds, plan, config.out, n_todo)
-
-    else:
-        nodes = {"cut": [], "score": []}
-    return _finish(config, plan, models, spec.to_dict(), time.perf_counter() - t0, n_todo, nodes)
+        try:
+            _consume(_stream(config, plan, todo, ensemble, bands, metadata), plan, config.out, n_todo, nodes)
+            n_cut += n_todo
+        except Exception as exc:
+            cause = root_cause(exc)
+            if attempt == MAX_ATTEMPTS or not _is_system_failure(cause):
+                raise
+            # Ray retries tasks and restarts actors, but some losses (an actor on a node that
+            # vanished mid-stream) still end the stream. The manifest makes a re-run exact: it
+            # redoes only unfinished tiles, after removing what they had written.
+            logger.warning("scan stream failed (%s: %s); re-running unfinished tiles, attempt %d/%d",
+                           type(cause).__name__, str(cause).splitlines()[0][:200], attempt + 1,
+                           MAX_ATTEMPTS)
+    nodes_used = {k: sorted(v) for k, v in nodes.items()}
+    return _finish(config, plan, models, spec.to_dict(), time.perf_counter() - t0, n_cut, nodes_used)
 
 
-def _consume(ds, plan: Plan, out: str, n_todo: int) -> dict[str, list[str]]:
+MAX_ATTEMPTS = 3
+
+
+def _is_system_failure(exc: BaseException) -> bool:
+    """Failures of the cluster (lost actors, nodes, objects), not of our code or data."""
+    import ray.exceptions as rex
+
+    return isinstance(exc, (rex.RayActorError, rex.ObjectLostError, rex.NodeDiedError,
+                            rex.WorkerCrashedError, rex.RaySystemError))
+
+
+def _stream(config: ScanConfig, plan: Plan, todo: list, ensemble: Ensemble, bands: tuple[str, ...],
+            metadata: dict[str, Any]):
+    """The Ray Data stream of one attempt: read-and-cut -> score -> write, for ``todo`` tiles."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    spec = ensemble.input_spec
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    # A model load that keeps failing is a bug to report, not something to retry forever.
+    ctx.max_consecutive_actor_init_deaths = 3
+    # A lost node surfaces inside a consuming actor task as an actor or object error, which
+    # Ray treats as the task's own; both stages are pure or idempotent, so retry those.
+    ctx.actor_task_retry_on_errors = [ray.exceptions.RayActorError, ray.exceptions.ObjectLostError]
+    n_actors, cpus, gpus = _actor_pool(config)
+    items = [{"tile": t.name, "tile_json": json.dumps(t.to_dict())} for t in todo]
+
+    def cut(batch: dict[str, np.ndarray]):
+        for tile_json in batch["tile_json"]:
+            yield from cut_tile(str(tile_json), config.out, spec, bands,
+                                config.max_missing_fraction, chunk_rows=config.batch_size * 4)
+
+    runtime_env = {"env_vars": storage.worker_env()}
+    # Retries, chosen rather than inherited: a cut or write task lost with its node (a system
+    # failure) is re-run up to 3 times; a scoring actor that dies is restarted up to 3 times
+    # and its in-flight batches re-sent. Both are safe because shard names are a hash of their
+    # objids, so a re-run replaces a file instead of duplicating rows. Errors raised by our own
+    # code are not retried: stages turn them into failure rows instead.
+    return (ray.data.from_items(items, override_num_blocks=len(items))
+            .map_batches(cut, batch_size=1, num_cpus=1, runtime_env=runtime_env, max_retries=3)
+            .map_batches(EnsembleScorer, batch_size=config.batch_size, num_cpus=cpus, num_gpus=gpus,
+                         fn_constructor_kwargs={"model_dirs": list(config.model_dirs),
+                                                "use_gpu": gpus > 0},
+                         compute=ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=2),
+                         runtime_env=runtime_env, max_restarts=3, max_task_retries=3)
+            .map_batches(ShardWriter, batch_size=4 * config.batch_size, batch_format="pyarrow",
+                         num_cpus=0, runtime_env=runtime_env, max_restarts=3, max_task_retries=3,
+                         fn_constructor_kwargs={"out": config.out, "score_columns": ensemble.columns,
+                                                "metadata": metadata},
+                         compute=ActorPoolStrategy(size=1)))
+
+
+def _consume(ds, plan: Plan, out: str, n_todo: int, nodes: dict[str, set[str]]) -> None:
     """Drive the stream; mark each tile finished once every one of its objects is written.
 
-    Returns the Ray nodes that cut and scored stamps.
+    Adds the Ray nodes that cut and scored stamps to ``nodes``.
     """
     written: dict[str, dict[str, tuple[int, int]]] = {}
-    nodes: dict[str, set[str]] = {"cut": set(), "score": set()}
     bar = tqdm(total=n_todo, desc="scan", unit="obj", smoothing=0.1)
     for row in ds.iter_rows():
         tile, shard = str(row["tile"]), str(row["shard"])
@@ -272,7 +298,6 @@ def _consume(ds, plan: Plan, out: str, n_todo: int) -> dict[str, list[str]]:
             storage.write_bytes_atomic(storage.join(manifest_dir(out), f"{tile}.json"),
                                        json.dumps(entry).encode())
     bar.close()
-    return {k: sorted(v) for k, v in nodes.items()}
 
 
 def _finish(config: ScanConfig, plan: Plan, models: list[dict], input_spec: dict, seconds: float,

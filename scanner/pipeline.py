@@ -50,6 +50,9 @@ class ScanResult:
     stamps_per_s: float
     models: list[dict[str, Any]] = field(default_factory=list)
     nodes: dict[str, list[str]] = field(default_factory=dict)  # Ray node ids that cut / scored
+    # Rate once stamps flow: from the first written shard to the last, so without the fixed
+    # start-up (workers, model loads) that a long scan amortises.
+    steady_stamps_per_s: float = math.nan
 
     @property
     def exit_code(self) -> int:
@@ -194,7 +197,7 @@ def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult
     models = ensemble.describe()
     metadata = {"lensscan_version": __version__, "models": models, "bands": list(bands),
                 "input_spec": spec.to_dict()}
-    nodes: dict[str, set[str]] = {"cut": set(), "score": set()}
+    stats = StreamStats()
     n_cut = 0
     for attempt in range(1, MAX_ATTEMPTS + 1):
         done = finished_tiles(config.out)
@@ -206,7 +209,7 @@ def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult
         logger.info("%d tiles to scan (%d objects), %d already finished", len(todo), n_todo, len(done))
         _ray_init(config.address)
         try:
-            _consume(_stream(config, plan, todo, ensemble, bands, metadata), plan, config.out, n_todo, nodes)
+            _consume(_stream(config, plan, todo, ensemble, bands, metadata), plan, config.out, n_todo, stats)
             n_cut += n_todo
         except Exception as exc:
             cause = root_cause(exc)
@@ -218,8 +221,7 @@ def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult
             logger.warning("scan stream failed (%s: %s); re-running unfinished tiles, attempt %d/%d",
                            type(cause).__name__, str(cause).splitlines()[0][:200], attempt + 1,
                            MAX_ATTEMPTS)
-    nodes_used = {k: sorted(v) for k, v in nodes.items()}
-    return _finish(config, plan, models, spec.to_dict(), time.perf_counter() - t0, n_cut, nodes_used)
+    return _finish(config, plan, models, spec.to_dict(), time.perf_counter() - t0, n_cut, stats)
 
 
 MAX_ATTEMPTS = 3
@@ -275,21 +277,40 @@ def _stream(config: ScanConfig, plan: Plan, todo: list, ensemble: Ensemble, band
                          compute=ActorPoolStrategy(size=1)))
 
 
-def _consume(ds, plan: Plan, out: str, n_todo: int, nodes: dict[str, set[str]]) -> None:
-    """Drive the stream; mark each tile finished once every one of its objects is written.
+@dataclass
+class StreamStats:
+    """What the driver saw of the streams: where stages ran, and when output flowed."""
 
-    Adds the Ray nodes that cut and scored stamps to ``nodes``.
-    """
+    nodes: dict[str, set[str]] = field(default_factory=lambda: {"cut": set(), "score": set()})
+    t_first: float = math.nan
+    t_last: float = math.nan
+    n_after_first: int = 0
+
+    @property
+    def steady_rate(self) -> float:
+        dt = self.t_last - self.t_first
+        return self.n_after_first / dt if dt > 0 else math.nan
+
+
+def _consume(ds, plan: Plan, out: str, n_todo: int, stats: StreamStats) -> None:
+    """Drive the stream; mark each tile finished once every one of its objects is written."""
     written: dict[str, dict[str, tuple[int, int]]] = {}
     bar = tqdm(total=n_todo, desc="scan", unit="obj", smoothing=0.1)
     for row in ds.iter_rows():
         tile, shard = str(row["tile"]), str(row["shard"])
         shards = written.setdefault(tile, {})
+        n_rows = int(row["n_scored"]) + int(row["n_failed"])
         if shard not in shards:
-            bar.update(int(row["n_scored"]) + int(row["n_failed"]))
+            bar.update(n_rows)
+            now = time.perf_counter()
+            if math.isnan(stats.t_first):
+                stats.t_first = now
+            else:
+                stats.n_after_first += n_rows
+            stats.t_last = now
         shards[shard] = (int(row["n_scored"]), int(row["n_failed"]))
-        nodes["cut"].update(n for n in str(row["cut_nodes"]).split(",") if n)
-        nodes["score"].update(n for n in str(row["score_nodes"]).split(",") if n)
+        stats.nodes["cut"].update(n for n in str(row["cut_nodes"]).split(",") if n)
+        stats.nodes["score"].update(n for n in str(row["score_nodes"]).split(",") if n)
         n_scored = sum(s for s, _ in shards.values())
         n_failed = sum(f for _, f in shards.values())
         if n_scored + n_failed == plan.objects_per_tile[tile]:
@@ -301,7 +322,7 @@ def _consume(ds, plan: Plan, out: str, n_todo: int, nodes: dict[str, set[str]]) 
 
 
 def _finish(config: ScanConfig, plan: Plan, models: list[dict], input_spec: dict, seconds: float,
-            n_cut: int, nodes: dict[str, list[str]]) -> ScanResult:
+            n_cut: int, stats: StreamStats) -> ScanResult:
     done = finished_tiles(config.out)
     n_scored = sum(e["n_scored"] for e in done.values())
     n_failed = plan.n_failed_plan + sum(e["n_failed"] for e in done.values())
@@ -310,8 +331,9 @@ def _finish(config: ScanConfig, plan: Plan, models: list[dict], input_spec: dict
     if unfinished:
         raise RuntimeError(f"scan ended with {len(unfinished)} tile(s) unfinished ({unfinished[:5]}); "
                            f"re-run with --resume")
+    nodes = {k: sorted(v) for k, v in stats.nodes.items()}
     result = ScanResult(config.out, plan.n_catalog, n_scored, n_failed, seconds,
-                        n_cut / seconds if seconds > 0 else math.nan, models, nodes)
+                        n_cut / seconds if seconds > 0 else math.nan, models, nodes, stats.steady_rate)
     if config.write_csv:
         write_csv(config.out)
     report = {"lensscan_version": __version__, "config": config.to_dict(), "models": models,
@@ -319,6 +341,7 @@ def _finish(config: ScanConfig, plan: Plan, models: list[dict], input_spec: dict
               "n_catalog": plan.n_catalog, "n_scored": n_scored, "n_failed": n_failed,
               "n_tiles": len(plan.tiles), "n_tiles_unreadable": sum(t.shape is None for t in plan.tiles),
               "seconds_last_run": seconds, "stamps_per_s_last_run": result.stamps_per_s,
+              "steady_stamps_per_s_last_run": result.steady_stamps_per_s,
               "nodes_last_run": nodes}
     storage.write_bytes_atomic(storage.join(config.out, "scan.json"), json.dumps(report, indent=1).encode())
     if config.report_top_n > 0:

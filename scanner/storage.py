@@ -57,14 +57,20 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, base_delay_s
     raise AssertionError("unreachable")
 
 
-# Storage configuration that Ray workers must share with the driver (endpoint, credentials,
-# region), forwarded through the tasks' runtime_env. On a cluster with instance roles none are set.
-WORKER_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCSFS_", "FSSPEC_", "LENSSCAN_")
+# Storage settings Ray workers must share with the driver (endpoint, region, profile, paths of
+# credential files), forwarded through the tasks' runtime_env. Secrets themselves are never
+# forwarded: they would show in Ray's task metadata and dashboard, and override instance roles;
+# each node takes its credentials from its own environment (roles, Kubernetes secrets, ~/.aws).
+WORKER_ENV_PREFIXES = ("AWS_ENDPOINT_URL", "FSSPEC_", "GCSFS_", "LENSSCAN_")
+WORKER_ENV_NAMES = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
+                    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE", "GOOGLE_APPLICATION_CREDENTIALS",
+                    "GOOGLE_CLOUD_PROJECT")
 
 
 def worker_env() -> dict[str, str]:
-    """Environment variables the driver forwards to its Ray workers for storage access."""
-    return {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}
+    """Non-secret storage settings the driver forwards to its Ray workers."""
+    return {k: v for k, v in os.environ.items()
+            if k.startswith(WORKER_ENV_PREFIXES) or k in WORKER_ENV_NAMES}
 
 
 def filesystem(url: str) -> tuple[AbstractFileSystem, str]:

@@ -9,6 +9,11 @@ import pytest
 from scanner.mock_survey import MockSurveyConfig, make_mock_survey
 from scanner.registry import default_models_dir
 
+# Credentials for the local S3-compatible server of tests/test_cloud.py, set before any Ray worker
+# starts: workers take credentials from their own environment (the scan forwards only endpoints).
+for _key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+    os.environ.setdefault(_key, "testing")
+
 TINY = MockSurveyConfig(n_tiles=6, size_pix=256, n_lenses=3, seed=7, overlap_pix=32)
 
 

@@ -174,8 +174,8 @@ class BandMeta:
         if missing:
             raise ValueError(f"band metadata lacks {missing}; was the dataset built by "
                              f"`lensscan build-dataset`?")
-        return cls(tuple(bands), **{k: torch.from_numpy(np.ascontiguousarray(arrays[k],
-                                                                           dtype=np.float32))
+        # A copy: Arrow hands out read-only buffers, which torch will not wrap.
+        return cls(tuple(bands), **{k: torch.from_numpy(np.array(arrays[k], dtype=np.float32))
                                     for k in names})
 
 
@@ -212,18 +212,20 @@ def read_header_conditions(header_text: str, where: str) -> HeaderConditions:
     """
     header = fits.Header.fromstring(header_text)
     scale = float(np.mean(proj_plane_pixel_scales(WCS(header, naxis=2)))) * 3600.0
-    beta = _float_key(header, "PSFBETA", "MOFFBETA")
-    seeing = _float_key(header, "SEEING", "FWHM", "PSF_FWHM")
+    # Only keywords the scanner keeps in a tile's header (scanner.tiles.KEPT_CARDS) can be here;
+    # FWHM is not trusted: surveys write it in pixels or arcsec, so the stars are measured instead.
+    beta = _float_key(header, "PSFBETA")
+    seeing = _float_key(header, "SEEING")
     if not math.isfinite(beta):
         if math.isfinite(seeing):
             logger.debug("%s: no PSFBETA in header; assuming a Moffat beta of %s", where,
                          DEFAULT_PSF_BETA)
         beta = DEFAULT_PSF_BETA
     return HeaderConditions(
-        magzero=_float_key(header, "MAGZERO", "MAGZPT", "ZEROPNT", "MAGZP"),
+        magzero=_float_key(header, "MAGZERO", "MAGZPT", "ZP"),
         psf_fwhm_arcsec=seeing,
         psf_beta=beta,
-        sky_sigma=_float_key(header, "SKYSIG", "SKYNOISE", "SKYRMS"),
-        gain=_float_key(header, "GAIN", "EGAIN", "CCDGAIN"),
+        sky_sigma=_float_key(header, "SKYSIG"),
+        gain=_float_key(header, "GAIN"),
         pixel_scale_arcsec=scale,
     )

@@ -33,11 +33,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from caustics import func as caustics_func
 
 from training.bands import BandMeta, magnitude_to_counts, sed_magnitudes
-from training.render import (convolve, detection_snr, draw_until_accepted, gaussian_unit_flux,
-                             integrate_pixels, light_position_angle,
+from training.render import (caustics_func, chunks, convolve, detection_snr, draw_until_accepted,
+                             gaussian_unit_flux, integrate_pixels, light_position_angle,
                              moffat_kernels, photon_noise, psf_half_pix, sersic_unit_flux,
                              stamp_grid, uniform)
 
@@ -185,6 +184,9 @@ def draw_lens_params(n: int, config: InjectionConfig, generator: torch.Generator
     def u(r: tuple[float, float]) -> torch.Tensor:
         return uniform(r[0], r[1], n, generator, device)
 
+    def per_clump(r: tuple[float, float]) -> torch.Tensor:
+        return r[0] + (r[1] - r[0]) * torch.rand(n, c.max_clumps, generator=generator, device=device)
+
     theta_e = u(c.einstein_radius_arcsec)
     angle = u((0.0, math.pi))
     if c.align_mass_with_light and light_angle is not None:
@@ -202,13 +204,11 @@ def draw_lens_params(n: int, config: InjectionConfig, generator: torch.Generator
     k = c.max_clumps
     n_clumps = torch.randint(0, k + 1, (n,), generator=generator, device=device)
     active = torch.arange(k, device=device)[None, :] < n_clumps[:, None]
-    fraction = c.clump_flux_fraction[0] + (c.clump_flux_fraction[1] - c.clump_flux_fraction[0]) * \
-        torch.rand(n, k, generator=generator, device=device)
+    fraction = per_clump(c.clump_flux_fraction)
     # Clumps scatter about one source radius around its centre, as in star-forming galaxies.
     clump_dx = torch.randn(n, k, generator=generator, device=device) * source_re[:, None]
     clump_dy = torch.randn(n, k, generator=generator, device=device) * source_re[:, None]
-    clump_re = c.clump_half_light_radius_arcsec[0] + torch.rand(n, k, generator=generator, device=device) \
-        * (c.clump_half_light_radius_arcsec[1] - c.clump_half_light_radius_arcsec[0])
+    clump_re = per_clump(c.clump_half_light_radius_arcsec)
     return {
         "einstein_radius_arcsec": theta_e,
         "axis_ratio": u(c.axis_ratio),
@@ -288,14 +288,23 @@ def source_band_counts(params: Params, meta: BandMeta, reference_band: str, clum
 
 def render_arcs(params: Params, meta: BandMeta, size: int, config: InjectionConfig
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise-free lensed light (N, C, S, S) in counts, PSF-convolved, and the magnification (N,)."""
-    main_unit, clump_unit = lensed_unit_images(params, meta, size, config.supersample)
+    """Noise-free lensed light (N, C, S, S) in counts, PSF-convolved, and the magnification (N,).
+
+    Rendered in chunks of stamps sized for the device (``training.render.chunks``).
+    """
+    device = meta.pixel_scale_arcsec.device
     main_counts, clump_counts = source_band_counts(params, meta, config.reference_band,
                                                    config.clump_sed_offset)
-    light = main_counts[:, :, None, None] * main_unit[:, None]
-    light = light + torch.einsum("nkc,nkhw->nchw", clump_counts, clump_unit)
-    arcs = convolve(light, moffat_kernels(meta, psf_half_pix(meta, size)))
-    return arcs, main_unit.sum(dim=(-2, -1))
+    arcs, magnification = [], []
+    for part in chunks(len(meta), (size * config.supersample) ** 2, device):
+        sub = {k: v[part] for k, v in params.items()}
+        sub_meta = meta[part]
+        main_unit, clump_unit = lensed_unit_images(sub, sub_meta, size, config.supersample)
+        light = main_counts[part, :, None, None] * main_unit[:, None]
+        light = light + torch.einsum("nkc,nkhw->nchw", clump_counts[part], clump_unit)
+        arcs.append(convolve(light, moffat_kernels(sub_meta, psf_half_pix(sub_meta, size))))
+        magnification.append(main_unit.sum(dim=(-2, -1)))
+    return torch.cat(arcs), torch.cat(magnification)
 
 
 def inject_lenses(raw_deflectors: torch.Tensor, meta: BandMeta, config: InjectionConfig,

@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 from training.bands import BandMeta, magnitude_to_counts, sed_magnitudes
-from training.render import (convolve, detection_snr, draw_until_accepted, integrate_pixels,
+from training.render import (chunks, convolve, detection_snr, draw_until_accepted,
+                             integrate_pixels,
                              moffat_kernels, photon_noise, psf_half_pix, sersic_unit_flux,
                              stamp_grid, uniform)
 
@@ -56,9 +57,10 @@ class LookalikeConfig:
         Relative rates of ``companion``, ``ring`` and ``spiral``; 0 switches a kind off.
     reference_band : str
         Band that ``magnitude`` refers to.
-    magnitude : (float, float)
-        AB magnitude of the painted light in ``reference_band``: as bright as magnified arcs, so
-        brightness does not tell them apart.
+    companion_magnitude, ring_magnitude, spiral_magnitude : (float, float)
+        AB magnitude of the painted light in ``reference_band``: companions as bright as magnified
+        arcs, so brightness does not tell them apart; rings and spiral arms brighter, as they
+        spread their light over a larger area (and a spiral disk rivals its bulge).
     sed_slope : (float, float)
         ``f_nu ~ lambda^slope`` as for lensed sources: as blue as arcs, so colour does not either.
     separation_arcsec : (float, float)
@@ -92,7 +94,9 @@ class LookalikeConfig:
 
     kind_weights: tuple[float, float, float] = (0.5, 0.25, 0.25)
     reference_band: str = "r"
-    magnitude: tuple[float, float] = (20.0, 23.0)
+    companion_magnitude: tuple[float, float] = (20.0, 23.0)
+    ring_magnitude: tuple[float, float] = (19.0, 21.5)
+    spiral_magnitude: tuple[float, float] = (18.5, 21.0)
     sed_slope: tuple[float, float] = (-0.5, 2.0)
     separation_arcsec: tuple[float, float] = (0.8, 3.5)
     companion_half_light_radius_arcsec: tuple[float, float] = (0.15, 0.6)
@@ -147,7 +151,8 @@ def draw_lookalike_params(n: int, config: LookalikeConfig, generator: torch.Gene
     knots = torch.randint(0, c.ring_knots + 1, (n,), generator=generator, device=device)
     return {
         "kind": kind,
-        "magnitude": u(c.magnitude),
+        "magnitude": torch.stack([u(c.companion_magnitude), u(c.ring_magnitude),
+                                  u(c.spiral_magnitude)]).gather(0, kind[None]).squeeze(0),
         "sed_slope": u(c.sed_slope),
         "position_angle": position_angle,
         "separation_arcsec": u(c.separation_arcsec),
@@ -247,7 +252,10 @@ def paint_lookalikes(raw: torch.Tensor, meta: BandMeta, config: LookalikeConfig,
 
     def render(p: Params, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sub_meta = meta[index]
-        unit = lookalike_unit_images(p, sub_meta, size, config.supersample)
+        unit = torch.cat([
+            lookalike_unit_images({k: v[part] for k, v in p.items()}, sub_meta[part], size,
+                                  config.supersample)
+            for part in chunks(len(index), (size * config.supersample) ** 2, device)])
         mags = sed_magnitudes(p["magnitude"], p["sed_slope"], meta.bands, config.reference_band)
         counts = magnitude_to_counts(mags, sub_meta.magzero)
         light = convolve(counts[:, :, None, None] * unit[:, None],

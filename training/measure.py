@@ -15,7 +15,6 @@ Example
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -44,6 +43,13 @@ class DeflectorCuts:
         galaxies.
     min_size_arcsec : float
         Smallest PSF-corrected half-light radius: 0.4" rejects stars and compact objects.
+    max_centroid_offset_arcsec : float
+        Largest offset of the light's centroid (in the colour aperture) from the catalog
+        position: a faint object beside a bright red galaxy would otherwise borrow its light.
+    min_aperture_fraction : float
+        Smallest share of the total (``total_radius_arcsec``) flux inside the colour aperture:
+        an early-type galaxy keeps 0.45-0.75 of it there, a faint object whose "total" is a
+        neighbour's light much less.
     aperture_radius_arcsec : float
         Colour aperture: small, so neighbours and the sky contribute little.
     total_radius_arcsec : float
@@ -54,6 +60,8 @@ class DeflectorCuts:
     magnitude_range: tuple[float, float] = (16.0, 21.0)
     colour_cuts: tuple[tuple[str, str, float], ...] = (("g", "r", 1.0),)
     min_size_arcsec: float = 0.4
+    max_centroid_offset_arcsec: float = 0.4
+    min_aperture_fraction: float = 0.3
     aperture_radius_arcsec: float = 1.5
     total_radius_arcsec: float = 4.0
 
@@ -110,15 +118,17 @@ def measure_stamps(raw: np.ndarray, bands: Sequence[str], magzero: np.ndarray,
     dict
         ``mag_<band>`` (total, in ``total_radius_arcsec``), ``aper_mag_<band>`` (in
         ``aperture_radius_arcsec``), ``half_light_radius_arcsec`` (observed, in the magnitude
-        band), ``size_arcsec`` (PSF-corrected in quadrature) and ``sky_sigma`` (N, C) measured on
-        the stamp frame; NaN where the flux is not positive.
+        band), ``size_arcsec`` (PSF-corrected in quadrature), ``centroid_offset_arcsec`` (of the
+        magnitude band's light in the colour aperture) and ``sky_sigma`` (N, C) measured on the
+        stamp frame; NaN where the flux is not positive.
     """
     n, c, s, _ = raw.shape
     out: dict[str, np.ndarray] = {}
     if n == 0:
         for b in bands:
             out[f"mag_{b}"] = out[f"aper_mag_{b}"] = np.zeros(0, np.float32)
-        out["half_light_radius_arcsec"] = out["size_arcsec"] = np.zeros(0, np.float32)
+        for name in ("half_light_radius_arcsec", "size_arcsec", "centroid_offset_arcsec"):
+            out[name] = np.zeros(0, np.float32)
         out["sky_sigma"] = np.zeros((0, c), np.float32)
         return out
     sky, sky_sigma = sky_level_and_noise(raw)
@@ -151,6 +161,12 @@ def measure_stamps(raw: np.ndarray, bands: Sequence[str], magzero: np.ndarray,
     psf_hlr = moffat_half_light_radius(psf_fwhm_arcsec[:, j], psf_beta[:, j])
     out["half_light_radius_arcsec"] = hlr.astype(np.float32)
     out["size_arcsec"] = np.sqrt(np.clip(hlr**2 - psf_hlr**2, 0, None)).astype(np.float32)
+    light = np.clip(image[:, j], 0, None) * aper_mask
+    weight = light.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cx = (light * (xx - centre)).sum(axis=(1, 2)) / weight
+        cy = (light * (yy - centre)).sum(axis=(1, 2)) / weight
+    out["centroid_offset_arcsec"] = (np.hypot(cx, cy) * pixel_scale_arcsec).astype(np.float32)
     out["sky_sigma"] = sky_sigma.astype(np.float32)
     return out
 
@@ -161,16 +177,10 @@ def is_deflector(measured: dict[str, np.ndarray], cuts: DeflectorCuts) -> np.nda
     lo, hi = cuts.magnitude_range
     with np.errstate(invalid="ignore"):
         ok = (mag >= lo) & (mag <= hi) & (measured["size_arcsec"] >= cuts.min_size_arcsec)
+        ok &= measured["centroid_offset_arcsec"] <= cuts.max_centroid_offset_arcsec
+        aperture_fraction = 10 ** (-0.4 * (measured[f"aper_mag_{cuts.magnitude_band}"] - mag))
+        ok &= aperture_fraction >= cuts.min_aperture_fraction
         for blue, red, minimum in cuts.colour_cuts:
             colour = measured[f"aper_mag_{blue}"] - measured[f"aper_mag_{red}"]
             ok &= colour >= minimum
     return ok & np.isfinite(mag)
-
-
-def default_seeing_fallback_note() -> str:
-    """What a builder warning says when a header's seeing is missing and not measurable."""
-    return "pass a SEEING header keyword (arcsec FWHM) or more stars on the tile"
-
-
-__all__ = ["DeflectorCuts", "measure_stamps", "is_deflector", "moffat_half_light_radius",
-           "math"]

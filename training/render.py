@@ -18,9 +18,26 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from caustics import func as caustics_func
 
 from training.bands import BandMeta
+
+try:
+    from caustics import func as caustics_func
+except ImportError as exc:  # the optional [train] extra
+    raise ImportError("lens injection needs caustics: pip install 'lensscan[train]'") from exc
+
+
+#: Rays rendered at once. Elementwise ray tracing is memory-bound: on a CPU a chunk that stays in
+#: cache renders 3-4x faster than one big batch (measured: 64 px stamps, 8 per chunk, 430/s
+#: against 110/s for 256); a GPU wants big chunks to fill its cores.
+RAYS_PER_CHUNK = {"cpu": 2**19, "other": 2**25}
+
+
+def chunks(n: int, rays_per_stamp: int, device: torch.device) -> list[slice]:
+    """Slices of ``n`` stamps, each holding at most the device's ``RAYS_PER_CHUNK`` rays."""
+    budget = RAYS_PER_CHUNK["cpu" if device.type == "cpu" else "other"]
+    step = max(1, budget // max(rays_per_stamp, 1))
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 def uniform(low: float, high: float, n: int, generator: torch.Generator | None,

@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             ep.load()(sub)
         except ImportError as exc:  # an optional extra that is not installed
-            logger.warning("lensscan commands from %s are unavailable (%s); install the package "
-                           "with its extras, e.g. pip install 'lensscan[train]'", ep.value, exc)
+            logger.warning("lensscan commands from %s are unavailable (%s); reinstall lensscan "
+                           "(pip install .)", ep.value, exc)
     return parser
 
 

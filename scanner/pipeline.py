@@ -193,7 +193,8 @@ def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult
     if plan is None:
         if config.catalog is None:
             raise ScanRefused("no --catalog given; give the survey's object catalog (objid, ra, dec)")
-        plan = make_plan(config.tiles, config.tile_pattern, bands, config.catalog, config.out)
+        plan = make_plan(config.tiles, config.tile_pattern, bands, config.catalog, config.out,
+                         pixel_scale_arcsec=spec.pixel_scale_arcsec)
     models = ensemble.describe()
     metadata = {"lensscan_version": __version__, "models": models, "bands": list(bands),
                 "input_spec": spec.to_dict()}
@@ -246,6 +247,10 @@ def _stream(config: ScanConfig, plan: Plan, todo: list, ensemble: Ensemble, band
     ctx.enable_progress_bars = False
     # A model load that keeps failing is a bug to report, not something to retry forever.
     ctx.max_consecutive_actor_init_deaths = 3
+    # Start streaming once the whole scoring pool is up (GPU nodes may take minutes to join an
+    # autoscaling cluster); otherwise the first actor takes the early batches alone (ray#60124).
+    # A pool the cluster can never host fails after this wait with Ray's clear timeout error.
+    ctx.wait_for_min_actors_s = 900
     # A lost node surfaces inside a consuming actor task as an actor or object error, which
     # Ray treats as the task's own; both stages are pure or idempotent, so retry those.
     ctx.actor_task_retry_on_errors = [ray.exceptions.RayActorError, ray.exceptions.ObjectLostError]
@@ -277,6 +282,9 @@ def _stream(config: ScanConfig, plan: Plan, todo: list, ensemble: Ensemble, band
                          compute=ActorPoolStrategy(size=1)))
 
 
+MIN_STEADY_OBJECTS = 1000
+
+
 @dataclass
 class StreamStats:
     """What the driver saw of the streams: where stages ran, and when output flowed."""
@@ -288,8 +296,9 @@ class StreamStats:
 
     @property
     def steady_rate(self) -> float:
+        """Objects/s after the first shard; NaN when too little came after it to tell."""
         dt = self.t_last - self.t_first
-        return self.n_after_first / dt if dt > 0 else math.nan
+        return self.n_after_first / dt if dt > 0 and self.n_after_first >= MIN_STEADY_OBJECTS else math.nan
 
 
 def _consume(ds, plan: Plan, out: str, n_todo: int, stats: StreamStats) -> None:

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from astropy.wcs.utils import proj_plane_pixel_scales
 from tqdm.auto import tqdm
 
 from scanner import storage
@@ -134,10 +135,29 @@ def read_all_headers(tiles: list[Tile], threads: int = 16) -> list[Tile]:
                          unit="tile", leave=False, disable=len(tiles) < 50))
 
 
+def check_pixel_scale(tiles: list[Tile], pixel_scale_arcsec: float, tolerance: float = 0.01) -> None:
+    """Refuse tiles whose pixel scale differs from the models': their lenses would look the wrong
+    size to the models, silently."""
+    for t in tiles:
+        if t.shape is None:
+            continue
+        scales = proj_plane_pixel_scales(t.wcs(next(iter(t.headers)))) * 3600.0
+        scale = float(np.sqrt(scales[0] * scales[1]))
+        if abs(scale / pixel_scale_arcsec - 1) > tolerance:
+            raise ValueError(f"tile {t.name} has {scale:.4f} arcsec/pixel but the models expect "
+                             f"{pixel_scale_arcsec} arcsec/pixel; resample the tiles or use models "
+                             f"trained at this pixel scale")
+
+
 def make_plan(tiles_url: str, pattern: str, bands: Sequence[str], catalog_url: str, out: str,
-              batch_rows: int = 1_000_000) -> Plan:
-    """Discover tiles, read their headers and stream the catalog into per-tile object lists."""
+              batch_rows: int = 1_000_000, pixel_scale_arcsec: float | None = None) -> Plan:
+    """Discover tiles, read their headers and stream the catalog into per-tile object lists.
+
+    With ``pixel_scale_arcsec``, tiles at another pixel scale are refused before any work.
+    """
     tiles = read_all_headers(discover_tiles(tiles_url, bands, pattern))
+    if pixel_scale_arcsec is not None:
+        check_pixel_scale(tiles, pixel_scale_arcsec)
     bad = [t for t in tiles if t.shape is None]
     for t in bad:
         logger.warning("%s", t.error)

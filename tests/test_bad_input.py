@@ -221,6 +221,14 @@ def test_bands_the_tiles_lack_are_refused(tmp_path, bad_survey, small_models):
     assert "band(s) z" in msg and "--bands" in msg
 
 
+def test_tiles_at_another_pixel_scale_are_refused(tmp_path, small_models):
+    write_tile(tmp_path / "t", "fine", noisy_tile(64, 3), tan_wcs(1, 1, 64, pixel_scale_arcsec=0.2), BANDS)
+    pd.DataFrame({"objid": [1], "ra": [1.0], "dec": [1.0]}).to_parquet(tmp_path / "c.parquet")
+    msg = _refusal(tmp_path, tiles=str(tmp_path / "t"), catalog=str(tmp_path / "c.parquet"),
+                   model_dirs=(small_models,))
+    assert "0.2000 arcsec/pixel" in msg and "0.26" in msg
+
+
 def test_band_reordering_is_refused(tmp_path, bad_survey, small_models):
     root, _ = bad_survey
     msg = _refusal(tmp_path, tiles=str(root / "tiles"), catalog=str(root / "catalog.parquet"),

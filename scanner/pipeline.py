@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,8 +153,14 @@ def _ray_init(address: str | None) -> None:
 
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, configure_logging=False)
-    # Our progress bar and summary say what the user needs; Ray Data's per-dataset INFO lines do not.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Our progress bar and summary say what the user needs; Ray Data's per-dataset INFO lines and
+    # its note that its own progress bars are off do not.
+    import ray.data  # noqa: F401 - configures Ray Data's loggers, which we then quieten
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("ray.data"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def _actor_pool(config: ScanConfig) -> tuple[int, float, float]:
@@ -268,18 +275,22 @@ def _stream(config: ScanConfig, plan: Plan, todo: list, ensemble: Ensemble, band
     # and its in-flight batches re-sent. Both are safe because shard names are a hash of their
     # objids, so a re-run replaces a file instead of duplicating rows. Errors raised by our own
     # code are not retried: stages turn them into failure rows instead.
-    return (ray.data.from_items(items, override_num_blocks=len(items))
-            .map_batches(cut, batch_size=1, num_cpus=1, runtime_env=runtime_env, max_retries=3)
-            .map_batches(EnsembleScorer, batch_size=config.batch_size, num_cpus=cpus, num_gpus=gpus,
-                         fn_constructor_kwargs={"model_dirs": list(config.model_dirs),
-                                                "use_gpu": gpus > 0},
-                         compute=ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=2),
-                         runtime_env=runtime_env, max_restarts=3, max_task_retries=3)
-            .map_batches(ShardWriter, batch_size=4 * config.batch_size, batch_format="pyarrow",
-                         num_cpus=0, runtime_env=runtime_env, max_restarts=3, max_task_retries=3,
-                         fn_constructor_kwargs={"out": config.out, "score_columns": ensemble.columns,
-                                                "metadata": metadata},
-                         compute=ActorPoolStrategy(size=1)))
+    with warnings.catch_warnings():
+        # Retry and restart limits have no named map_batches parameter in Ray 2.60 yet; the
+        # deprecation notice of the keyword form is Ray's to settle, not the user's to read.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        return (ray.data.from_items(items, override_num_blocks=len(items))
+                .map_batches(cut, batch_size=1, num_cpus=1, runtime_env=runtime_env, max_retries=3)
+                .map_batches(EnsembleScorer, batch_size=config.batch_size, num_cpus=cpus, num_gpus=gpus,
+                             fn_constructor_kwargs={"model_dirs": list(config.model_dirs),
+                                                    "use_gpu": gpus > 0},
+                             compute=ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=2),
+                             runtime_env=runtime_env, max_restarts=3, max_task_retries=3)
+                .map_batches(ShardWriter, batch_size=4 * config.batch_size, batch_format="pyarrow",
+                             num_cpus=0, runtime_env=runtime_env, max_restarts=3, max_task_retries=3,
+                             fn_constructor_kwargs={"out": config.out, "score_columns": ensemble.columns,
+                                                    "metadata": metadata},
+                             compute=ActorPoolStrategy(size=1)))
 
 
 MIN_STEADY_OBJECTS = 1000

@@ -91,13 +91,11 @@ class Rate:
                 "seconds": self.seconds}
 
 
-def timed(fn: Callable[[], int], repeats: int = 3, warmup: int | Callable[[], object] = 1,
-          label: str | None = None) -> Rate:
+def timed(fn: Callable[[], int], repeats: int = 3, warmup: int | Callable[[], object] = 1) -> Rate:
     """Return the rate of ``fn`` (which returns how many items it processed) over ``repeats`` runs.
 
     ``warmup`` runs first and is not timed: an int runs ``fn`` that many times, a callable runs
     once (a shorter warm-up, such as two batches instead of a whole pass, when a pass is long).
-    With ``label``, each repeat is logged, so a long measurement shows progress.
     """
     if callable(warmup):
         warmup()
@@ -106,12 +104,10 @@ def timed(fn: Callable[[], int], repeats: int = 3, warmup: int | Callable[[], ob
             fn()
     n = 0
     secs = []
-    for k in range(repeats):
+    for _ in range(repeats):
         t = time.perf_counter()
         n = fn()
         secs.append(time.perf_counter() - t)
-        if label:
-            logger.info("%s: repeat %d/%d, %.1f items/s", label, k + 1, repeats, n / secs[-1])
     return Rate(n, secs)
 
 
@@ -144,8 +140,7 @@ def tiles_with_pixels(tiles_url: str, pattern: str, bands: Sequence[str]) -> lis
 Positions = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
-def cut_rate(tiles: list[Tile], positions: Positions, spec: InputSpec, repeats: int = 3,
-             label: str | None = None) -> Rate:
+def cut_rate(tiles: list[Tile], positions: Positions, spec: InputSpec, repeats: int = 3) -> Rate:
     """Stamps/s of read + cut + normalise in this process (one core), tile files read each time.
 
     The warm-up cuts the first tile only: enough to import and fill caches, without reading the
@@ -159,7 +154,7 @@ def cut_rate(tiles: list[Tile], positions: Positions, spec: InputSpec, repeats: 
             n += len(stamps)
         return n
 
-    return timed(lambda: cut(tiles), repeats, warmup=lambda: cut(tiles[:1]), label=label)
+    return timed(lambda: cut(tiles), repeats, warmup=lambda: cut(tiles[:1]))
 
 
 def scan_stamps(tiles: list[Tile], positions: Positions, spec: InputSpec,
@@ -183,8 +178,7 @@ def scan_stamps(tiles: list[Tile], positions: Positions, spec: InputSpec,
     return stamps[:limit] if limit is not None else stamps
 
 
-def model_rate(ensemble, stamps: np.ndarray, batch_size: int, repeats: int = 3,
-               label: str | None = None) -> Rate:
+def model_rate(ensemble, stamps: np.ndarray, batch_size: int, repeats: int = 3) -> Rate:
     """Stamps/s of the ensemble's forward alone, on stamps already in memory, at ``batch_size``.
 
     Batches go to the ensemble's device one at a time, as the scorer sends them. The warm-up is
@@ -201,8 +195,7 @@ def model_rate(ensemble, stamps: np.ndarray, batch_size: int, repeats: int = 3,
             torch.cuda.synchronize()
         return n_stamps
 
-    return timed(lambda: forward(len(x)), repeats, warmup=lambda: forward(min(len(x), 2 * batch_size)),
-                 label=label)
+    return timed(lambda: forward(len(x)), repeats, warmup=lambda: forward(min(len(x), 2 * batch_size)))
 
 
 class MemorySampler:
@@ -403,14 +396,14 @@ def _worker_env() -> dict[str, Any]:
 
 
 def _model_probe(model_dirs: Sequence[str], use_gpu: bool, tiles: list[Tile], positions: Positions,
-                 spec: InputSpec, batch_size: int, repeats: int) -> tuple[Rate, dict[str, Any], int]:
+                 spec: InputSpec, batch_size: int, repeats: int) -> tuple[Rate, dict[str, Any]]:
     """Model-only rate in a Ray task holding one scoring actor's resources; also its machine."""
     from scanner.stages import EnsembleScorer
 
     # The scorer the scan's actors run: same model loading, device choice and .to() path.
     scorer = EnsembleScorer(model_dirs, use_gpu=use_gpu)
     stamps = scan_stamps(tiles, positions, spec, limit=MODEL_STAMPS_MAX)
-    return model_rate(scorer.ensemble, stamps, batch_size, repeats), machine(), len(stamps)
+    return model_rate(scorer.ensemble, stamps, batch_size, repeats), machine()
 
 
 def _warmup_catalog(sample: SurveySample, n_objects: int, work_dir: str) -> str:
@@ -418,7 +411,8 @@ def _warmup_catalog(sample: SurveySample, n_objects: int, work_dir: str) -> str:
     from scanner.catalog import iter_catalog, table_to_bytes
 
     first = next(iter_catalog(sample.catalog_url, n_objects))
-    url = storage.join(work_dir, f"warmup-catalog-{_key({'catalog': sample.catalog_url, 'n': n_objects})}.parquet")
+    key = _key({"catalog": sample.catalog_url, "n": n_objects})
+    url = storage.join(work_dir, f"warmup-catalog-{key}.parquet")
     storage.write_bytes_atomic(url, table_to_bytes(first.drop_columns(["row"])))
     return url
 
@@ -535,7 +529,6 @@ class StageFigures:
     repeats: int
     cut: Rate | None = None  # per core
     model: Rate | None = None  # per scoring actor
-    model_stamps: int = 0
     scan_wall: Rate | None = None
     scan_steady: Rate | None = None
     scan_steady_driver: list[float] = field(default_factory=list)  # ScanResult's, per repeat
@@ -568,7 +561,8 @@ class StageFigures:
         lay = self.layout
         if self.cut is not None:
             out["cut"] = {"per_s": self.cut_per_s, "spread": self.cut.spread, "per_core": self.cut.per_s,
-                          "cores": lay.cut_cores, "repeat_seconds": self.cut.seconds, "stamps": self.cut.items,
+                          "cores": lay.cut_cores, "repeat_seconds": self.cut.seconds,
+                          "stamps": self.cut.items,
                           "how": "read + cut + normalise in one Ray task holding 1 CPU, times the "
                                  "cores the scoring actors leave"}
             if lay.gpus_used > 0:
@@ -616,7 +610,8 @@ class StageFigures:
         """
         if self.cut is None or self.model is None:
             return {}
-        candidates = {"cut": (self.cut_per_s, self.cut.spread), "model": (self.model_pool_per_s, self.model.spread)}
+        candidates = {"cut": (self.cut_per_s, self.cut.spread),
+                      "model": (self.model_pool_per_s, self.model.spread)}
         stage = min(candidates, key=lambda k: candidates[k][0])
         per_s, spread = candidates[stage]
         out: dict[str, Any] = {"stage": stage, "per_s": per_s,
@@ -701,7 +696,7 @@ def measure_stages(sample: SurveySample, model_dirs: Sequence[str], work_dir: st
                     layout.cpus_per_actor, layout.gpus_per_actor)
         task = ray.remote(_model_probe).options(num_cpus=layout.cpus_per_actor,
                                                 num_gpus=layout.gpus_per_actor, runtime_env=_worker_env())
-        figures.model, figures.worker_machine, figures.model_stamps = ray.get(task.remote(
+        figures.model, figures.worker_machine = ray.get(task.remote(
             list(model_dirs), layout.gpus_per_actor > 0, tiles, positions, survey_spec, batch_size, repeats))
         logger.info("model-only: %.0f stamps/s per actor, %.0f for the pool of %d (spread %.2f)",
                     figures.model.per_s, figures.model_pool_per_s, layout.actors, figures.model.spread)

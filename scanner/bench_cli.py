@@ -139,6 +139,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  gpus_per_actor=gpus_per_actor, repeats=args.repeats)
         projection = (project_survey(figures, args.objects, args.gpus, args.gpu_hour_price)
                       if args.objects is not None else None)
+        if projection and args.gpu_hour_price is not None and "cost" not in projection:
+            logger.warning("--gpu-hour-price is not used: the scan scored on CPUs, so the projection "
+                           "is in node-hours")
     except (ScanRefused, RegistryError, CatalogError, FileNotFoundError, ValueError) as exc:
         return _refuse(str(exc))
     except Exception as exc:  # noqa: BLE001 - one line for the user; the traceback is in -v logs
@@ -240,7 +243,7 @@ def format_table(report: dict[str, Any]) -> str:
                  else f"{proj['units']:g} CPU node(s) like this cluster's")
         text = (f"projection: {proj['objects']:.3g} objects on {where} at {_fmt(proj['rate_per_s'])} "
                 f"stamps/s ({proj['rate_source']}): {proj['hours']:,.1f} h wall, "
-                f"{proj['unit_hours']:,.1f} {proj['unit'].upper() if proj['unit'] == 'gpu' else proj['unit']}-hours")
+                f"{proj['unit_hours']:,.1f} {'GPU' if proj['unit'] == 'gpu' else 'node'}-hours")
         if "core_hours" in proj:
             text += f", {proj['core_hours']:,.0f} core-hours"
         if "cost" in proj:

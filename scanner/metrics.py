@@ -135,3 +135,71 @@ def recall_in_top_fraction(scores: np.ndarray, labels: np.ndarray, fraction: flo
         return math.nan
     _, y = _ranked_labels(s, y)
     return float(y[:top_count(s.size, fraction)].sum() / n_positive)
+
+
+def precision_at_recall(scores: np.ndarray, labels: np.ndarray, recall: float) -> float:
+    """Return the precision of the highest threshold whose recall reaches ``recall``.
+
+    What a search gets if it keeps just enough of the ranked list to find that share of the
+    lenses: no interpolation, so a later, better point of the curve does not flatter it. NaN when
+    there are no lenses.
+
+    Example
+    -------
+    >>> precision_at_recall(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0]), 0.5)
+    1.0
+    """
+    if not 0 < recall <= 1:
+        raise ValueError(f"recall={recall}: give a recall in (0, 1], e.g. 0.9")
+    curve = precision_recall(scores, labels)
+    if curve.n_positive == 0:
+        return math.nan
+    reached = np.flatnonzero(curve.recall >= recall - 1e-12)
+    return float(curve.precision[reached[0]])
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Return the area under the ROC curve: the chance a lens outscores a non-lens (ties count 1/2).
+
+    Computed from average ranks (the Mann-Whitney U statistic), as scikit-learn's
+    ``roc_auc_score``. NaN without both lenses and non-lenses.
+
+    Example
+    -------
+    >>> auroc(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0]))
+    0.75
+    """
+    s, y = _checked(scores, labels)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = np.argsort(s, kind="stable")
+    sorted_scores = s[order]
+    ranks = np.empty(s.size, dtype=np.float64)
+    # Tied scores share the mean of the ranks they span (1-based).
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+    ends = np.r_[starts[1:], s.size]
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def recall_at_zero_false_positives(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Return the share of lenses scoring strictly above every non-lens (TPR0).
+
+    The recall a search reaches before its first false positive; lenses tied with the best
+    non-lens do not count. NaN when there are no lenses; 1 when there are no non-lenses.
+
+    Example
+    -------
+    >>> recall_at_zero_false_positives(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0]))
+    0.5
+    """
+    s, y = _checked(scores, labels)
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        return math.nan
+    if n_pos == y.size:
+        return 1.0
+    return float((s[y] > s[~y].max()).sum() / n_pos)

@@ -51,8 +51,8 @@ class ScanResult:
     stamps_per_s: float
     models: list[dict[str, Any]] = field(default_factory=list)
     nodes: dict[str, list[str]] = field(default_factory=dict)  # Ray node ids that cut / scored
-    # Rate once stamps flow: from the first written shard to the last, so without the fixed
-    # start-up (workers, model loads) that a long scan amortises.
+    # Rate from the first batch scored to the last: without the fixed start-up (planning,
+    # workers, model loads) that a long scan amortises.
     steady_stamps_per_s: float = math.nan
 
     @property
@@ -293,23 +293,21 @@ def _stream(config: ScanConfig, plan: Plan, todo: list, ensemble: Ensemble, band
                              compute=ActorPoolStrategy(size=1)))
 
 
-MIN_STEADY_OBJECTS = 1000
-
-
 @dataclass
 class StreamStats:
-    """What the driver saw of the streams: where stages ran, and when output flowed."""
+    """What the driver saw of the streams: where stages ran, and when scoring happened."""
 
     nodes: dict[str, set[str]] = field(default_factory=lambda: {"cut": set(), "score": set()})
-    t_first: float = math.nan
-    t_last: float = math.nan
-    n_after_first: int = 0
+    scored_from: float = math.inf  # wall clock (s) when the first batch began scoring
+    scored_to: float = -math.inf  # ... and when the last one finished
+    n_objects: int = 0
 
     @property
     def steady_rate(self) -> float:
-        """Objects/s after the first shard; NaN when too little came after it to tell."""
-        dt = self.t_last - self.t_first
-        return self.n_after_first / dt if dt > 0 and self.n_after_first >= MIN_STEADY_OBJECTS else math.nan
+        """Objects/s from the first batch scored to the last: the scan's rate without its fixed
+        start-up (planning, workers, model loads), which a long scan amortises."""
+        dt = self.scored_to - self.scored_from
+        return self.n_objects / dt if dt > 0 else math.nan
 
 
 def _consume(ds, plan: Plan, out: str, n_todo: int, stats: StreamStats) -> None:
@@ -322,12 +320,9 @@ def _consume(ds, plan: Plan, out: str, n_todo: int, stats: StreamStats) -> None:
         n_rows = int(row["n_scored"]) + int(row["n_failed"])
         if shard not in shards:
             bar.update(n_rows)
-            now = time.perf_counter()
-            if math.isnan(stats.t_first):
-                stats.t_first = now
-            else:
-                stats.n_after_first += n_rows
-            stats.t_last = now
+            stats.n_objects += n_rows
+            stats.scored_from = min(stats.scored_from, float(row["scored_from"]))
+            stats.scored_to = max(stats.scored_to, float(row["scored_to"]))
         shards[shard] = (int(row["n_scored"]), int(row["n_failed"]))
         stats.nodes["cut"].update(n for n in str(row["cut_nodes"]).split(",") if n)
         stats.nodes["score"].update(n for n in str(row["score_nodes"]).split(",") if n)

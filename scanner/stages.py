@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -135,6 +136,7 @@ class EnsembleScorer:
             os._exit(1)
 
     def __call__(self, batch: Batch) -> Batch:
+        started = time.time()
         self._batches += 1
         self._test_fault()
         out = {k: batch[k] for k in ROW_COLUMNS}
@@ -149,6 +151,9 @@ class EnsembleScorer:
             out[col] = scores[:, j]
         out["score"] = scores.mean(axis=1) if scores.shape[1] else np.full(n, np.nan, np.float32)
         out["score_std"] = scores.std(axis=1) if scores.shape[1] else np.full(n, np.nan, np.float32)
+        # Wall-clock span of this batch's scoring: the driver's steady-rate figure spans these.
+        out["scored_from"] = np.full(n, started)
+        out["scored_to"] = np.full(n, time.time())
         return out
 
 
@@ -169,7 +174,10 @@ class ShardWriter:
         tiles_col = batch["tile"].to_numpy(zero_copy_only=False)
         failure = batch["failure"].to_numpy(zero_copy_only=False)
         summary: dict[str, list] = {"tile": [], "shard": [], "n_scored": [], "n_failed": [],
-                                    "cut_nodes": [], "score_nodes": []}
+                                    "cut_nodes": [], "score_nodes": [], "scored_from": [],
+                                    "scored_to": []}
+        scored_from = batch["scored_from"].to_numpy()
+        scored_to = batch["scored_to"].to_numpy()
         cut_nodes = batch["cut_node"].to_numpy(zero_copy_only=False)
         score_nodes = batch["score_node"].to_numpy(zero_copy_only=False)
         for tile in np.unique(tiles_col):
@@ -198,4 +206,6 @@ class ShardWriter:
             summary["n_failed"].append(int(bad.sum()))
             summary["cut_nodes"].append(",".join(sorted(set(cut_nodes[in_tile]))))
             summary["score_nodes"].append(",".join(sorted(set(score_nodes[in_tile]))))
+            summary["scored_from"].append(float(scored_from[in_tile].min()))
+            summary["scored_to"].append(float(scored_to[in_tile].max()))
         return {k: np.asarray(v) for k, v in summary.items()}

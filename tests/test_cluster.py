@@ -47,7 +47,7 @@ def test_cutting_and_scoring_spread_over_worker_nodes(scenarios, tiny_scan):
 
 
 def test_a_scoring_actor_dying_mid_batch_loses_nothing(scenarios, tiny_scan):
-    run = scenarios["actor_death"]
+    run = scenarios["spread"]
     assert run["actor_died"]
     _same_catalog(run["out"], tiny_scan[1])
 

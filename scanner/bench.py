@@ -60,7 +60,7 @@ NOISE_FLOOR = 0.1
 #: worker's memory: 2**15 stamps of 3 x 64 x 64 are 1.6 GB), enough for seconds of a GPU's time.
 MODEL_STAMPS_MAX = 2**15
 
-#: Below this many seconds of steady flow the scan's steady rate is mostly its first and last shard.
+#: Below this many seconds from the first batch scored to the last, the steady rate rests on a few batches.
 MIN_STEADY_SECONDS = 10.0
 
 
@@ -199,11 +199,13 @@ def model_rate(ensemble, stamps: np.ndarray, batch_size: int, repeats: int = 3) 
 
 
 class MemorySampler:
-    """Samples the RSS of this process and every Ray worker process on this machine.
+    """Samples the RSS of this process and of the connected Ray cluster's workers on this machine.
 
     Ray workers are separate processes; their peak RSS, not the driver's, is what grows if a
-    stage holds more than one tile at a time. Only this machine's processes are seen: on a
-    multi-node cluster, the workers of other nodes are not.
+    stage holds more than one tile at a time. Workers are found as children of the cluster's
+    raylet, so another Ray cluster on a shared machine does not count; without a Ray connection,
+    or when the raylet runs elsewhere (``ray://``), every Ray worker process on the machine counts.
+    Only this machine's processes are seen: on a multi-node cluster, other nodes' workers are not.
     """
 
     def __init__(self, interval_s: float = 0.1):
@@ -214,24 +216,52 @@ class MemorySampler:
         self.peak_worker_mb = 0.0
         self.peak_driver_mb = 0.0
         self.peak_total_mb = 0.0
+        self._raylets = self._find_raylets()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _find_raylets(self) -> list:
+        """The connected cluster's raylet processes that run on this machine (found by socket name)."""
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                return []
+            sockets = [n["RayletSocketName"] for n in ray.nodes()
+                       if n.get("Alive") and n.get("RayletSocketName")]
+        except Exception:  # noqa: BLE001 - without the cluster's view, fall back to every Ray worker
+            return []
+        raylets = []
+        for p in self.psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if any(f"--raylet_socket_name={s}" in cmd for s in sockets):
+                raylets.append(p)
+        return raylets
+
+    def _candidates(self) -> list:
+        if not self._raylets:
+            return list(self.psutil.process_iter())
+        out = []
+        for raylet in self._raylets:
+            try:
+                out.extend(raylet.children(recursive=True))
+            except self.psutil.Error:
+                continue
+        return out
 
     def _run(self) -> None:
         me = self.psutil.Process()
         while not self._stop.is_set():
-            total = 0.0
-            for p in self.psutil.process_iter(["name", "cmdline", "memory_info"]):
+            total = me.memory_info().rss / 2**20
+            self.peak_driver_mb = max(self.peak_driver_mb, total)
+            for p in self._candidates():
                 try:
-                    cmd = " ".join(p.info["cmdline"] or [])
-                    rss = p.info["memory_info"].rss / 2**20
-                except (self.psutil.Error, AttributeError, TypeError):
+                    cmd = " ".join(p.cmdline())
+                    rss = p.memory_info().rss / 2**20
+                except self.psutil.Error:
                     continue
-                if "ray::" in cmd or "default_worker.py" in cmd:
+                if p.pid != me.pid and ("ray::" in cmd or "default_worker.py" in cmd):
                     self.peak_worker_mb = max(self.peak_worker_mb, rss)
-                    total += rss
-                elif p.pid == me.pid:
-                    self.peak_driver_mb = max(self.peak_driver_mb, rss)
                     total += rss
             self.peak_total_mb = max(self.peak_total_mb, total)
             self._stop.wait(self.interval_s)
@@ -277,9 +307,8 @@ def bench_survey_config(n_stamps: int, compress: bool = False, bands: Sequence[s
     """A mock survey config with about ``n_stamps`` catalogued objects in ``bands``, over >= 4 tiles.
 
     Tiles are 1024 px (the demo's) and as many as the count needs; below 4 such tiles, 4 smaller
-    ones, because the scan writes a shard per tile and batch, and its steady rate (first to last
-    shard) needs several shards to mean anything. One lens per tile: the rate does not depend on
-    lenses, and painting them is slow.
+    ones, so the scan runs several read-and-cut tasks side by side, as on a survey. One lens per
+    tile: the rate does not depend on lenses, and painting them is slow.
     """
     from scanner.mock_survey import MockSurveyConfig
 
@@ -417,81 +446,12 @@ def _warmup_catalog(sample: SurveySample, n_objects: int, work_dir: str) -> str:
     return url
 
 
-#: Shards written less than this apart come from one call of the scan's writer (a call writes its
-#: shards back to back, in milliseconds on disk; the next call waits for the scorer to fill a batch).
-BURST_GAP_S = 0.25
-
-
-def _modified_s(info: dict[str, Any]) -> float:
-    """A file's modification time (epoch seconds) from an fsspec listing, whatever the store."""
-    for key in ("mtime", "LastModified", "updated", "created"):
-        value = info.get(key)
-        if value is None:
-            continue
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            from datetime import datetime
-
-            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return value.timestamp()
-    raise ValueError(f"{info.get('name')}: the file system gives no modification time")
-
-
-def shard_write_times(out: str) -> list[tuple[float, int]]:
-    """(write time, rows) of every shard a scan wrote to ``out``, candidates and cut failures, in time order.
-
-    The plan's own failures (``failures/_plan``, ``failures/_tiles``) are left out: they are written
-    before any stamp is cut.
-    """
-    import pyarrow.parquet as pq
-
-    from scanner.plan import failures_dir
-    from scanner.stages import candidates_dir
-
-    events = []
-    for root in (candidates_dir(out), failures_dir(out)):
-        fs, path = storage.filesystem(root)
-        if not fs.exists(path):
-            continue
-        for name, info in fs.find(path, detail=True).items():
-            rel = name[len(path):].lstrip("/")
-            if not name.endswith(".parquet") or rel.startswith("_") or "/." in name:
-                continue
-            with fs.open(name, "rb") as f:
-                events.append((_modified_s(info), pq.read_metadata(f).num_rows))
-    return sorted(events)
-
-
-def steady_rate_from_shards(events: Sequence[tuple[float, int]], gap_s: float = BURST_GAP_S) -> float:
-    """Stamps/s once stamps flow, from shard write times on the writer's side; NaN if one burst.
-
-    The first burst of shards (those written less than ``gap_s`` apart from the first) carries
-    the start-up; the rate is the rows written after it over the time from its last shard to the
-    scan's last shard. It is what ``ScanResult.steady_stamps_per_s`` means, timed where the shards
-    are written rather than where the driver receives their summaries, which Ray Data can hand
-    over in a bunch at the end of a short scan.
-    """
-    if not events:
-        return math.nan
-    k = 1
-    while k < len(events) and events[k][0] - events[k - 1][0] < gap_s:
-        k += 1
-    if k == len(events):
-        return math.nan
-    t_end_first = events[k - 1][0]
-    dt = events[-1][0] - t_end_first
-    rows_after = sum(n for _, n in events[k:])
-    return rows_after / dt if dt > 0 else math.nan
-
-
 @dataclass
 class ScanRun:
-    """One end-to-end scan: wall seconds, steady rates and stamps cut."""
+    """One end-to-end scan: wall seconds, steady rate, stamps cut and peak memory."""
 
     seconds: float
-    steady_per_s: float  # from shard write times
-    steady_per_s_driver: float  # ScanResult.steady_stamps_per_s: when the driver saw the shards
+    steady_per_s: float  # ScanResult.steady_stamps_per_s: first batch scored to last
     stamps: int
     memory: dict[str, float]
 
@@ -513,9 +473,9 @@ def scan_once(sample: SurveySample, model_dirs: Sequence[str], out: str, batch_s
         t = time.perf_counter()
         result = run_scan(config)
         secs = time.perf_counter() - t
-    events = shard_write_times(out)
-    return ScanRun(secs, steady_rate_from_shards(events), result.steady_stamps_per_s,
-                   sum(n for _, n in events), mem.to_dict())
+    # ScanResult gives the objects cut only as a rate over its own seconds.
+    n_cut = round(result.stamps_per_s * result.seconds)
+    return ScanRun(secs, result.steady_stamps_per_s, n_cut, mem.to_dict())
 
 
 @dataclass
@@ -531,7 +491,6 @@ class StageFigures:
     model: Rate | None = None  # per scoring actor
     scan_wall: Rate | None = None
     scan_steady: Rate | None = None
-    scan_steady_driver: list[float] = field(default_factory=list)  # ScanResult's, per repeat
     memory: dict[str, float] = field(default_factory=dict)
     worker_machine: dict[str, Any] = field(default_factory=dict)
 
@@ -585,12 +544,9 @@ class StageFigures:
                            "steady_per_s": self.scan_steady.per_s, "steady_spread": self.scan_steady.spread,
                            "wall_per_s": self.scan_wall.per_s, "wall_spread": self.scan_wall.spread,
                            "wall_seconds": self.scan_wall.seconds, "stamps": self.scan_wall.items,
-                           "steady_per_s_driver": [v if math.isfinite(v) else None
-                                                   for v in self.scan_steady_driver],
                            **self._per_unit(self.scan_steady.per_s),
-                           "how": "run_scan end to end; steady: shards written after the first "
-                                  "writer call, over the time to the last shard (file write times); "
-                                  "steady_per_s_driver: ScanResult.steady_stamps_per_s per repeat; "
+                           "how": "run_scan end to end; steady: ScanResult.steady_stamps_per_s, "
+                                  "from the first batch scored to the last (the scorers' clock); "
                                   "wall: the whole call including start-up"}
         return out
 
@@ -643,9 +599,10 @@ def measure_stages(sample: SurveySample, model_dirs: Sequence[str], work_dir: st
 
     Runs on the Ray cluster this process is connected to (call ``ray.init`` first). Cut-only and
     model-only run in Ray tasks holding what the scan's cut task and scoring actor hold, on the
-    objects the scan's plan puts on each tile; the scan is ``run_scan`` itself, repeated
-    ``repeats`` times after a warm-up scan of ``2 x batch_size`` objects. Intermediate files (plan,
-    scan output) go under ``work_dir``, which every node must see on a multi-node cluster.
+    objects the scan's plan puts on each tile; the scan is ``run_scan`` itself, after a warm-up
+    scan of ``2 x batch_size`` objects. The ``repeats`` go round the stages, each stage once per
+    round. Intermediate files (plan, scan output) go under ``work_dir``, which every node must see
+    on a multi-node cluster.
 
     Returns
     -------
@@ -683,51 +640,58 @@ def measure_stages(sample: SurveySample, model_dirs: Sequence[str], work_dir: st
     # Tiles are read through the band names of the survey, mapped to the model's channels.
     survey_spec = dataclasses.replace(spec, bands=bands)
 
-    if "cut" in stages:
-        logger.info("cut-only: %d stamps from %d tiles, a short warm-up + %d repeats in a 1-CPU task",
-                    n_stamps, len(tiles), repeats)
-        task = ray.remote(cut_rate).options(num_cpus=1, runtime_env=_worker_env())
-        figures.cut = ray.get(task.remote(tiles, positions, survey_spec, repeats))
-        logger.info("cut-only: %.0f stamps/s per core (spread %.2f)", figures.cut.per_s, figures.cut.spread)
-
-    if "model" in stages:
-        logger.info("model-only: %d versions, batch %d, a warm-up + %d repeats with one scoring "
-                    "actor's resources (%g CPU, %g GPU)", len(ensemble), batch_size, repeats,
-                    layout.cpus_per_actor, layout.gpus_per_actor)
-        task = ray.remote(_model_probe).options(num_cpus=layout.cpus_per_actor,
-                                                num_gpus=layout.gpus_per_actor, runtime_env=_worker_env())
-        figures.model, figures.worker_machine = ray.get(task.remote(
-            list(model_dirs), layout.gpus_per_actor > 0, tiles, positions, survey_spec, batch_size, repeats))
-        logger.info("model-only: %.0f stamps/s per actor, %.0f for the pool of %d (spread %.2f)",
-                    figures.model.per_s, figures.model_pool_per_s, layout.actors, figures.model.spread)
-
+    # Repeats go round the stages (cut, model, scan, cut, ...) rather than one stage after the
+    # other: on a shared machine the load changes by the minute, and interleaving lets each
+    # change hit every stage alike, so the stages' medians can be compared with each other.
+    cut_task = ray.remote(cut_rate).options(num_cpus=1, runtime_env=_worker_env())
+    model_task = ray.remote(_model_probe).options(num_cpus=layout.cpus_per_actor,
+                                                  num_gpus=layout.gpus_per_actor, runtime_env=_worker_env())
+    out = storage.join(work_dir, "scan-out")
     if "scan" in stages:
-        out = storage.join(work_dir, "scan-out")
-        warm_catalog = _warmup_catalog(sample, 2 * batch_size, work_dir)
         logger.info("scan: warm-up on %d objects (not timed)", 2 * batch_size)
-        scan_once(sample, model_dirs, out, batch_size, layout.gpus_per_actor, catalog=warm_catalog)
-        runs = []
-        for k in range(repeats):
-            logger.info("scan: repeat %d/%d on %d stamps", k + 1, repeats, n_stamps)
+        scan_once(sample, model_dirs, out, batch_size, layout.gpus_per_actor,
+                  catalog=_warmup_catalog(sample, 2 * batch_size, work_dir))
+    cut_seconds: list[float] = []
+    model_seconds: list[float] = []
+    model_items = 0
+    runs: list[ScanRun] = []
+    for k in range(repeats):
+        done = []
+        if "cut" in stages:
+            # One Ray task holding 1 CPU, as a read-and-cut task; its own warm-up is the first tile.
+            rate = ray.get(cut_task.remote(tiles, positions, survey_spec, 1))
+            cut_seconds += rate.seconds
+            done.append(f"cut-only {rate.per_s:.0f}/s per core")
+        if "model" in stages:
+            # One Ray task holding a scoring actor's resources; its own warm-up is two batches.
+            rate, figures.worker_machine = ray.get(model_task.remote(
+                list(model_dirs), layout.gpus_per_actor > 0, tiles, positions, survey_spec, batch_size, 1))
+            model_seconds += rate.seconds
+            model_items = rate.items
+            done.append(f"model-only {rate.per_s:.0f}/s per actor")
+        if "scan" in stages:
             runs.append(scan_once(sample, model_dirs, out, batch_size, layout.gpus_per_actor))
-            logger.info("scan: %.0f stamps/s wall, %.0f steady", runs[-1].stamps / runs[-1].seconds,
-                        runs[-1].steady_per_s)
             if runs[-1].stamps != n_stamps:
-                raise RuntimeError(f"the scan wrote {runs[-1].stamps} rows but the plan cut {n_stamps}: "
-                                   f"{out} was changed while the bench ran")
+                raise RuntimeError(f"the scan cut {runs[-1].stamps} objects but the plan has {n_stamps}: "
+                                   f"{sample.catalog_url} or its tiles changed while the bench ran")
+            done.append(f"scan {runs[-1].steady_per_s:.0f}/s steady, "
+                        f"{runs[-1].stamps / runs[-1].seconds:.0f}/s wall")
+        logger.info("repeat %d/%d on %d stamps: %s", k + 1, repeats, n_stamps, "; ".join(done))
+    if cut_seconds:
+        figures.cut = Rate(n_stamps, cut_seconds)
+    if model_seconds:
+        figures.model = Rate(model_items, model_seconds)
+    if runs:
         fs, path = storage.filesystem(out)
         fs.rm(path, recursive=True)
         steady = [r.steady_per_s for r in runs if math.isfinite(r.steady_per_s)]
         if not steady:
-            raise RuntimeError(f"the scan wrote all its shards in one burst, so it has no steady rate; "
-                               f"raise the number of stamps (now {n_stamps}) or lower --batch-size "
-                               f"(now {batch_size})")
-        items = runs[0].stamps
-        figures.scan_wall = Rate(items, [r.seconds for r in runs])
-        figures.scan_steady = Rate.from_rates(items, steady)
-        figures.scan_steady_driver = [r.steady_per_s_driver for r in runs]
+            raise RuntimeError(f"the scan scored no batch it could time, so it has no steady rate "
+                               f"({n_stamps} stamps); raise the number of stamps")
+        figures.scan_wall = Rate(n_stamps, [r.seconds for r in runs])
+        figures.scan_steady = Rate.from_rates(n_stamps, steady)
         figures.memory = {k: max(r.memory[k] for r in runs) for k in runs[0].memory}
-        steady_s = items / figures.scan_steady.per_s
+        steady_s = n_stamps / figures.scan_steady.per_s
         if steady_s < MIN_STEADY_SECONDS:
             logger.warning("the scan's steady part lasted %.1f s, under %.0f s: its rate is rough; "
                            "raise --stamps for a figure to plan with", steady_s, MIN_STEADY_SECONDS)

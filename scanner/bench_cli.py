@@ -126,9 +126,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         spec = ensemble.input_spec
         if started_ray:
             ray.init(address=args.address, log_to_driver=False, configure_logging=False)
+        n_nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        remote = (args.address or "").startswith("ray://") or n_nodes > 1
+        if remote and "://" not in work_dir:
+            logger.warning("--work-dir %s is a local path: workers on other machines cannot read the "
+                           "survey or write the scan there; give storage every node sees (s3://...)",
+                           work_dir)
         gpus_per_actor = args.gpus_per_actor
         if gpus_per_actor is None:
             gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        # Refused before minutes of measuring, not after (project_survey says the same).
+        if args.gpus and gpus_per_actor == 0:
+            return _refuse(f"--gpus {args.gpus:g} but the scan would score on CPUs here: measure on a "
+                           f"GPU cluster (--gpus-per-actor 1) to project GPUs")
+        if args.gpus == 0 and gpus_per_actor > 0:
+            return _refuse("--gpus 0 but the scan would score on GPUs here: give the GPUs to project "
+                           "on, or --gpus-per-actor 0 to measure and project CPU nodes")
         if args.tiles is None:
             survey = bench_survey(work_dir, args.stamps, compress=args.compress, bands=spec.bands)
             sample = SurveySample.from_mock(survey)
@@ -174,11 +187,12 @@ def bench_report(figures: StageFigures, projection: dict[str, Any] | None, drive
     described = dict(figures.worker_machine or driver)
     described["cluster"] = {"cpus": lay.cluster_cpus, "gpus": lay.cluster_gpus, "nodes": lay.nodes}
     described["driver"] = driver
+    memory = ({**figures.memory, "where": "the cluster's workers on the driver's machine"}
+              if figures.memory else {})
     return {"benchmark": "lensscan bench", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "machine": described, "parameters": parameters, "stages": figures.stages(),
-            "ratios": figures.ratios(),
-            "memory": {**figures.memory, "where": "processes on the driver's node"} if figures.memory else {},
-            "bottleneck": figures.bottleneck(), "projection": projection}
+            "ratios": figures.ratios(), "memory": memory, "bottleneck": figures.bottleneck(),
+            "projection": projection}
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -221,7 +235,7 @@ def format_table(report: dict[str, Any]) -> str:
         s = stages["scan"]
         cores = report["machine"]["cluster"]["cpus"]
         gpus_used = p["gpus_used"] or None
-        row("end-to-end scan, steady (after first shards)", s["steady_per_s"], s["steady_spread"],
+        row("end-to-end scan, steady (scoring span)", s["steady_per_s"], s["steady_spread"],
             s["steady_per_s"] / cores, s["steady_per_s"] / gpus_used if gpus_used else None)
         row("end-to-end scan, wall (incl. start-up)", s["wall_per_s"], s["wall_spread"],
             s["wall_per_s"] / cores, s["wall_per_s"] / gpus_used if gpus_used else None)

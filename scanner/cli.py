@@ -149,9 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compress", action="store_true", help="Rice tile-compress (.fits.fz)")
     p.set_defaults(func=cmd_mock_survey)
 
+    from scanner.bench_cli import add_bench_command
     from scanner.report import add_report_command
 
     add_report_command(sub)
+    add_bench_command(sub)
 
     for ep in entry_points(group="lensscan.commands"):
         try:

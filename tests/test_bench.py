@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
 import pytest
 
 from scanner.bench import NOISE_FLOOR, Rate, ScoringLayout, StageFigures, project_survey, scoring_layout
-from scanner.bench_cli import add_bench_command
+from scanner.cli import main
 
 OBJECTS = 2e10
 
 # The end-to-end steady rate may exceed the model-only pool only by noise: on this shared 2-core
-# machine repeated rates differ by up to ~90% on a busy minute, and a 512-stamp scan's steady part
-# lasts seconds. 50%, or the noise the repeats showed where that is more, still catches every unit
-# slip (x actors, x versions, wall vs steady, per core vs per cluster), each a factor of 2 or more.
+# machine (Ray workers run at nice 15 beside other jobs) repeated rates differ by up to ~90% on a
+# busy minute, and a 512-stamp scan's steady part lasts seconds. 50%, or the noise the repeats
+# showed where that is more, still catches every unit slip (x versions, x actors, wall vs steady,
+# per core vs per cluster), each a factor of 2 or more.
 NOISE_ALLOWANCE = 0.5
 
 
 def bench(argv: list[str]) -> int:
-    """Run ``lensscan bench`` through its own subparser (what ``lensscan`` wires in)."""
-    parser = argparse.ArgumentParser(prog="lensscan")
-    add_bench_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["bench", *argv])
-    return args.func(args)
+    """Run ``lensscan bench ARGV`` as the installed command does."""
+    return main(["bench", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +90,14 @@ def test_stages_measure_the_same_stamps_the_scan_scanned(report):
 
 def test_end_to_end_is_not_faster_than_model_only_beyond_noise(report):
     stages, ratios = report["stages"], report["ratios"]
-    pool = stages["model"]["per_s"]
-    assert stages["model"]["per_s"] == pytest.approx(stages["model"]["per_actor"] * stages["model"]["actors"])
+    model = stages["model"]
+    pool = model["per_s"]
+    assert pool == pytest.approx(model["per_actor"] * model["actors"])
+    # Contention only ever slows a repeat down, so the fastest model-only repeat is the closest
+    # to what the scorer can do; the scan's median must not beat it by more than noise.
+    best_pool = max(model["stamps"] / s for s in model["repeat_seconds"]) * model["actors"]
     noise = max(NOISE_ALLOWANCE, report["bottleneck"]["noise"])
-    assert stages["scan"]["steady_per_s"] <= pool * (1 + noise)
+    assert stages["scan"]["steady_per_s"] <= best_pool * (1 + noise)
     assert stages["scan"]["wall_per_s"] <= stages["scan"]["steady_per_s"]  # wall carries the start-up
     assert ratios["scan_steady_over_model"] == pytest.approx(stages["scan"]["steady_per_s"] / pool)
 

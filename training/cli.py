@@ -1,4 +1,4 @@
-"""Training's ``lensscan`` subcommands: ``build-dataset`` and ``show-injections``.
+"""Training's ``lensscan`` subcommands: ``build-dataset``, ``show-injections``, ``train``, ``evaluate``.
 
 The scanner's CLI finds :func:`register` through the ``lensscan.commands`` entry point, so the
 scanner never imports training.
@@ -7,9 +7,11 @@ scanner never imports training.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +81,109 @@ def cmd_show_injections(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_param(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"method parameter {text!r}: write KEY=VALUE, e.g. "
+                                         f"'threshold=0.9'")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """Return the ``TrainConfig`` of ``lensscan train``: the config file, then the flags given."""
+    from training.augment import AugmentConfig
+    from training.config import TrainConfig, default_model_params, read_config_file
+
+    d: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    flags = {"data": args.data, "out": args.out, "name": args.name, "method": args.method,
+             "versions": args.versions, "epochs": args.epochs,
+             "steps_per_epoch": args.steps_per_epoch,
+             "unlabelled_batch_size": args.unlabelled_batch_size, "learning_rate": args.lr,
+             "seed": args.seed, "workers": args.workers, "gpu": args.gpu,
+             "cpus_per_worker": args.cpus_per_worker, "address": args.address}
+    d.update({k: v for k, v in flags.items() if v is not None})
+    if args.param:
+        d["method_params"] = {**d.get("method_params", {}), **dict(args.param)}
+    if args.width is not None:
+        d["model_params"] = {**d.get("model_params", default_model_params()), "width": args.width}
+    if args.batch_size is not None or args.augment:
+        stream = dict(d.get("stream", {}))
+        if args.batch_size is not None:
+            stream["batch_size"] = args.batch_size
+        if args.augment:
+            stream["augment"] = AugmentConfig().to_dict()
+        d["stream"] = stream
+    missing = [f"--{k}" for k in ("data", "out") if k not in d]
+    if missing:
+        raise ValueError(f"give {' and '.join(missing)} (or set them in --config)")
+    return TrainConfig.from_dict(d)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.dataset import DatasetError
+    from training.loop import train
+
+    logging.getLogger("training").setLevel(logging.INFO)
+    try:
+        config = train_config_from_args(args)
+    except ValueError as exc:
+        print(f"lensscan train: refused: {exc}", file=sys.stderr)
+        return 2
+    print(f"training {config.versions} version(s) of {config.name} with {config.method} on "
+          f"{config.workers} worker(s){' with GPUs' if config.gpu else ''}: {config.epochs} epochs, "
+          f"data {config.data}, registry {config.out}", flush=True)
+    try:
+        paths = train(config, overwrite=args.overwrite)
+    except (DatasetError, ValueError, FileNotFoundError) as exc:
+        print(f"lensscan train: refused: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - one line for the user; the traceback is in -v logs
+        logger.debug("training failed", exc_info=exc)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"lensscan train: failed: {type(exc).__name__}: {first}; exported versions and "
+              f"checkpoints are kept: fix the cause and re-run the same command to resume",
+              file=sys.stderr)
+        return 1
+    model_dir = paths[0].parent
+    print(_evaluation_table(model_dir))
+    for path in paths:
+        print(f"exported {path}")
+    print(f"held-out figures: {model_dir}/evaluation.json  PR curve: {model_dir}/pr_curve.png")
+    return 0
+
+
+def _evaluation_table(directory) -> str:
+    from training.evaluate import format_table
+
+    record = json.loads((directory / "evaluation.json").read_text())
+    return (f"held-out evaluation ({record['n_stamps']} stamps, {record['n_lenses']} lenses):\n"
+            + format_table(record["metrics"]))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from scanner.registry import RegistryError
+    from training.dataset import DatasetError
+    from training.evaluate import evaluate_models
+
+    logging.getLogger("training").setLevel(logging.INFO)
+    try:
+        report = evaluate_models(args.models, args.data, args.out, split=args.split)
+    except (RegistryError, DatasetError, ValueError) as exc:
+        print(f"lensscan evaluate: refused: {exc}", file=sys.stderr)
+        return 2
+    print(report)
+    print(f"wrote {report.json_path}, {report.png_path}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``build-dataset`` and ``show-injections`` to the ``lensscan`` subcommands."""
+    """Add ``build-dataset``, ``show-injections``, ``train`` and ``evaluate`` to ``lensscan``."""
     from training.measure import DeflectorCuts
+    from training.methods import METHODS
 
     cuts = DeflectorCuts()
     p = subparsers.add_parser(
@@ -133,3 +235,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="which split's deflectors (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="which deflectors and lenses (default: %(default)s)")
     p.set_defaults(func=cmd_show_injections)
+
+    p = subparsers.add_parser(
+        "train", help="train N versions of a lens classifier with a supervised or semi-supervised "
+        "method on Ray Train, evaluate them on held-out sky and export them to a registry; "
+        "re-running the same command resumes")
+    p.add_argument("--config", help="TOML, JSON or YAML file of TrainConfig settings; flags given "
+                   "as well override it")
+    p.add_argument("--data", help="a dataset written by build-dataset")
+    p.add_argument("--out", help="registry directory; versions go to OUT/NAME/version-K")
+    p.add_argument("--name", help="model name in the registry (default: lensscan)")
+    p.add_argument("--method", choices=list(METHODS), help="training method (default: supervised)")
+    p.add_argument("--param", type=_method_param, action="append", metavar="KEY=VALUE",
+                   help="method hyper-parameter, repeatable, e.g. --param threshold=0.9")
+    p.add_argument("--augment", action="store_true", default=None,
+                   help="augment labelled stamps (rotations, flips, shifts, PSF blur, noise, "
+                   "brightness, saturation, gamma)")
+    p.add_argument("--versions", type=int, help="independent runs, seeds SEED..SEED+N-1 (default: 1)")
+    p.add_argument("--epochs", type=int, help="epochs (default: 10); more on a re-run continues")
+    p.add_argument("--steps-per-epoch", type=int, help="optimiser steps per epoch (default: one "
+                   "pass over the training deflectors)")
+    p.add_argument("--batch-size", type=int, help="labelled stamps per worker and step (default: 64)")
+    p.add_argument("--unlabelled-batch-size", type=int, help="unlabelled stamps per worker and step "
+                   "(default: 64)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default: 0.001)")
+    p.add_argument("--width", type=int, help="ResNetV2 width (default: 16)")
+    p.add_argument("--seed", type=int, help="seed of version 1 (default: 0)")
+    p.add_argument("--workers", type=int, help="Ray Train workers, data-parallel (default: 1)")
+    p.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: 1)")
+    p.add_argument("--address", help="Ray cluster address (default: a local cluster)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard what OUT/NAME holds (versions, checkpoints) and train from scratch; "
+                   "without it a re-run resumes, and a run of other settings is refused")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser(
+        "evaluate", help="evaluate model versions and their ensemble on a dataset's labelled "
+        "stamps: precision at recall 0.5/0.8/0.9, AUROC, TPR0, precision in the top N, PR curve")
+    p.add_argument("--models", nargs="+", required=True, help="registry, model or version dirs")
+    p.add_argument("--data", required=True, help="a dataset written by build-dataset")
+    p.add_argument("--out", default="lensscan-evaluation",
+                   help="where evaluation.json, pr_curve.png and predictions.parquet go "
+                   "(default: %(default)s)")
+    p.add_argument("--split", choices=["holdout", "train"],
+                   help="dataset split (default: the one the models were evaluated on, holdout)")
+    p.set_defaults(func=cmd_evaluate)

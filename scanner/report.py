@@ -340,6 +340,21 @@ def summarise_truth(ranked: pa.Table, truth: pd.DataFrame, top_n: int) -> TruthS
     )
 
 
+def truth_summary(out: str, truth: str, top_n: int = 50) -> TruthSummary:
+    """The finished scan in ``out`` ranked against the truth table at ``truth``."""
+    return summarise_truth(_ranked_scores(out), read_truth(truth), top_n)
+
+
+def truth_line(summary: TruthSummary) -> str:
+    """One line for a terminal: recall in the top 1% of ranks and precision in the top N."""
+    n_found = int(round(summary.recall_top_fraction * summary.n_lenses_scored))
+    return (f"against truth: {n_found} of {summary.n_lenses_scored} lenses "
+            f"({summary.recall_top_fraction:.0%}) in the top {TOP_FRACTION:.0%} of ranks "
+            f"({summary.n_top_fraction} of {summary.n_scored}); precision in the top "
+            f"{summary.n_top} {summary.precision_top_n:.2f}; average precision "
+            f"{summary.average_precision:.2f}")
+
+
 # --------------------------------------------------------------------------------------------
 # Figures
 

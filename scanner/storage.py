@@ -97,6 +97,13 @@ def full_url(fs: AbstractFileSystem, path: str) -> str:
     return f"{proto}://{path.lstrip('/')}" if proto != "memory" else f"memory://{path}"
 
 
+def absolute(url: str) -> str:
+    """A local path made absolute (Ray workers run in other directories); other URLs as given."""
+    if "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
 def join(url: str, *parts: str) -> str:
     """Join URL path parts with '/' whatever the filesystem."""
     return posixpath.join(url.rstrip("/"), *parts)

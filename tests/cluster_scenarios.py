@@ -7,6 +7,9 @@ Scenarios, each a full scan of the same survey into its own output:
   spread      3 worker nodes, 3 scoring actors, one of which kills itself mid-batch (test-only
               switch) and is restarted by Ray: where did cutting and scoring run, was anything lost?
   node-loss   a worker node is removed while the scan runs
+  train       Ray Train with 2 workers (a fresh node added first); a training worker dies as it
+              starts epoch 2 (test-only switch), after epoch 1's checkpoint: Ray Train restarts
+              the worker group and the run resumes from that checkpoint, then exports
 """
 
 from __future__ import annotations
@@ -79,7 +82,34 @@ def run(cluster: Cluster, workers: list, survey: dict, models: str, work: Path) 
     killer.join(timeout=5)
     result["node_loss"]["node_removed_during_scan"] = removed.is_set()
     result["node_loss"]["removed_node"] = victim.node_id
+    if survey.get("train_dataset"):
+        result["train"] = train_losing_a_worker(cluster, survey["train_dataset"], work / "train")
     return result
+
+
+def train_losing_a_worker(cluster: Cluster, data: str, out: Path) -> dict:
+    """Train 3 epochs on 2 workers; the rank-1 worker dies as it starts epoch 2."""
+    from training.augment import AugmentConfig
+    from training.config import TrainConfig
+    from training.evaluate import EvaluationConfig
+    from training.loop import train
+    from training.stream import StreamConfig
+
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    config = TrainConfig(data=data, out=str(out), name="multinode", method="supervised", epochs=3,
+                         steps_per_epoch=10, workers=2, learning_rate=5e-3,
+                         model_params={"depth": 11, "width": 4, "stem_stride": 2},
+                         stream=StreamConfig(batch_size=16, augment=AugmentConfig.none()),
+                         evaluation=EvaluationConfig(top_n=(10,)))
+    marker = out / "train-worker-died"
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["LENSSCAN_TEST_KILL_TRAIN_WORKER"] = str(marker)  # the workers inherit it
+    try:
+        [version_dir] = train(config)
+    finally:
+        del os.environ["LENSSCAN_TEST_KILL_TRAIN_WORKER"]
+    return {"version_dir": str(version_dir), "worker_died": marker.exists()}
 
 
 if __name__ == "__main__":

@@ -56,3 +56,19 @@ def tiny_scan(ray_cluster, tiny_survey, default_models, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("scan") / "out"
     return run_scan(scan_config(tiny_survey, default_models, out, write_csv=True)), out
+
+
+@pytest.fixture(scope="session")
+def train_dataset(tiny_survey, tmp_path_factory):
+    """The tiny survey as a training dataset, with deflector cuts loose enough for its few galaxies."""
+    from training.dataset import DatasetConfig, build_dataset
+    from training.measure import DeflectorCuts
+
+    loose = DeflectorCuts(magnitude_range=(15.0, 24.0), colour_cuts=(("g", "r", 0.0),),
+                          min_size_arcsec=0.0)
+    out = tmp_path_factory.mktemp("train-data") / "ds"
+    build_dataset(DatasetConfig(tiles=tiny_survey.tiles_url, catalog=tiny_survey.catalog_url,
+                                out=str(out), tile_pattern=tiny_survey.tile_pattern,
+                                truth=tiny_survey.truth_url, split_cell_deg=0.012,
+                                holdout_fraction=0.3, deflector_cuts=loose, seed=3))
+    return str(out)

@@ -15,11 +15,12 @@ from scanner.pipeline import read_candidates, read_failures
 
 
 @pytest.fixture(scope="module")
-def scenarios(tiny_survey, default_models, tmp_path_factory):
+def scenarios(tiny_survey, default_models, train_dataset, tmp_path_factory):
     work = tmp_path_factory.mktemp("cluster")
     survey = work / "survey.json"
     survey.write_text(json.dumps({"tiles_url": tiny_survey.tiles_url, "catalog_url": tiny_survey.catalog_url,
-                                  "tile_pattern": tiny_survey.tile_pattern}))
+                                  "tile_pattern": tiny_survey.tile_pattern,
+                                  "train_dataset": train_dataset}))
     proc = subprocess.run([sys.executable, "-m", "tests.cluster_scenarios", str(survey), default_models,
                            str(work)], capture_output=True, text=True, timeout=900,
                           cwd=Path(__file__).parent.parent)
@@ -56,3 +57,21 @@ def test_a_worker_node_lost_mid_scan_loses_nothing(scenarios, tiny_scan):
     run = scenarios["node_loss"]
     assert run["node_removed_during_scan"]
     _same_catalog(run["out"], tiny_scan[1])
+
+
+def test_training_on_two_workers_resumes_after_losing_a_worker(scenarios):
+    """Ray Train on the multi-node cluster: a training worker dies after the first epoch's
+    checkpoint; the run resumes from it and exports the usual registry version."""
+    from scanner.registry import load_ensemble
+
+    run = scenarios["train"]
+    assert run["worker_died"]
+    version = Path(run["version_dir"])
+    meta = json.loads((version / "model.json").read_text())
+    training = meta["training"]
+    assert training["workers"] == 2 and training["epochs"] == 3 and training["steps"] == 30
+    assert [h["epoch"] for h in training["history"]] == [1, 2, 3]
+    assert training["resumes"] == [{"epoch": 1, "step": 10}]
+    assert meta["metrics"]["n_lenses"] > 0
+    ensemble = load_ensemble([str(version)])  # the scanner loads it like any other version
+    assert ensemble.versions[0].meta["content_hash"] == meta["content_hash"]

@@ -29,13 +29,12 @@ from scanner.registry import load_ensemble
 from training.augment import AugmentConfig, augment
 from training.checkpoint import load_training_state, read_state, save_training_state
 from training.config import WEAK_AUGMENT, TrainConfig
-from training.dataset import DatasetConfig, build_dataset, open_dataset
+from training.dataset import open_dataset
 from training.evaluate import EvaluationConfig, build_eval_set, lens_metrics, score_stamps
 from training.export import exported_network
 from training.inject import InjectionConfig
 from training.lookalikes import LookalikeConfig
 from training.loop import TrainingRefused, attach_teacher, optimisation_step, train
-from training.measure import DeflectorCuts
 from training.methods import (METHODS, LabelledBatch, UnlabelledBatch, build_method,
                               hyper_parameters)
 from training.methods.common import ema_copy, ema_update, linear_ramp_up, mixup, sharpen
@@ -291,18 +290,9 @@ def test_a_checkpoint_restores_weights_teacher_and_optimiser_without_pickle(tmp_
 # End to end on Ray Train, 2 workers
 
 
-LOOSE_CUTS = DeflectorCuts(magnitude_range=(15.0, 24.0), colour_cuts=(("g", "r", 0.0),),
-                           min_size_arcsec=0.0)
-
-
 @pytest.fixture(scope="module")
-def dataset(tiny_survey, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train-data") / "ds"
-    build_dataset(DatasetConfig(tiles=tiny_survey.tiles_url, catalog=tiny_survey.catalog_url,
-                                out=str(out), tile_pattern=tiny_survey.tile_pattern,
-                                truth=tiny_survey.truth_url, split_cell_deg=0.012,
-                                holdout_fraction=0.3, deflector_cuts=LOOSE_CUTS, seed=3))
-    return str(out)
+def dataset(train_dataset):
+    return train_dataset
 
 
 def _config(data: str, out: Path, method: str, **kw) -> TrainConfig:
@@ -389,9 +379,14 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(dataset, ray_cluste
 
 
 def test_versions_are_independent_runs_whose_ensemble_is_evaluated(dataset, ray_cluster, tmp_path,
-                                                                  one_thread):
-    """``lensscan train --config`` with 2 versions, then ``lensscan evaluate`` on the registry."""
-    config = _config(dataset, tmp_path / "registry", "supervised", versions=2)
+                                                                  one_thread, tiny_scan, tiny_survey):
+    """``lensscan train --config`` with 2 versions and a report's grades, then ``lensscan
+    evaluate`` on the registry."""
+    from tests.test_grades import write_grades
+
+    write_grades(tmp_path / "grades.csv", tiny_scan, tiny_survey)
+    config = _config(dataset, tmp_path / "registry", "supervised", versions=2,
+                     grades=str(tmp_path / "grades.csv"), grades_scan=str(tiny_scan[1]))
     config_file = tmp_path / "train.json"
     config_file.write_text(json.dumps(config.to_dict()))
     assert lensscan(["train", "--config", str(config_file)]) == 0
@@ -399,6 +394,9 @@ def test_versions_are_independent_runs_whose_ensemble_is_evaluated(dataset, ray_
     metas = [_check_exported(model_dir / f"version-{k}", config) for k in (1, 2)]
     assert [m["training"]["seed"] for m in metas] == [0, 1]
     assert metas[0]["content_hash"] != metas[1]["content_hash"]
+    assert metas[0]["training"]["grades"]["url"] == str(tmp_path / "grades.csv")
+    [graded] = (model_dir / "_grades").glob("graded-*")
+    assert json.loads((graded / "dataset.json").read_text())["counts"]["train"]["known_lens"] == 2
     record = json.loads((model_dir / "evaluation.json").read_text())
     scores = [pd.read_parquet(model_dir / f"version-{k}" / "predictions.parquet")["score"].to_numpy()
               for k in (1, 2)]

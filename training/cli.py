@@ -1,4 +1,4 @@
-"""Training's ``lensscan`` subcommands: ``build-dataset``, ``show-injections``, ``train``, ``evaluate``.
+"""Training's ``lensscan`` subcommands: ``build-dataset``, ``show-injections``, ``train``, ``evaluate``, ``gan``.
 
 The scanner's CLI finds :func:`register` through the ``lensscan.commands`` entry point, so the
 scanner never imports training.
@@ -11,9 +11,13 @@ import json
 import logging
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+#: Share of positives a ``--gan`` replaces when ``--gan-fraction`` is not given.
+DEFAULT_GAN_FRACTION = 0.25
 
 _COLOUR_CUT = re.compile(r"^\s*(\w+)\s*-\s*(\w+)\s*>=\s*(-?[\d.]+)\s*$")
 
@@ -81,6 +85,41 @@ def cmd_show_injections(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from scanner.registry import RegistryError
+    from training.export import copy_versions
+
+    try:
+        paths = copy_versions(args.models, args.out, name=args.name, overwrite=args.overwrite,
+                              dtype=torch.float32 if args.float32 else torch.float16)
+    except RegistryError as exc:
+        print(f"lensscan export: refused: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"exported {path}")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from training.ablate import AblationConfig, run_ablation
+    from training.dataset import DatasetError
+
+    logging.getLogger("training").setLevel(logging.INFO)
+    overrides = {k: v for k, v in (("out", args.out), ("max_concurrent", args.max_concurrent))
+                 if v is not None}
+    try:
+        config = AblationConfig.from_file(args.config, **overrides)
+        run_ablation(config)
+    except (DatasetError, ValueError, FileNotFoundError) as exc:
+        print(f"lensscan ablate: refused: {exc}", file=sys.stderr)
+        return 2
+    print((Path(config.out) / "results.md").read_text())
+    print(f"wrote {config.out}/results.csv, results.md, summary.csv, pr_curves.png")
+    return 0
+
+
 def _method_param(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -104,16 +143,22 @@ def train_config_from_args(args: argparse.Namespace):
              "steps_per_epoch": args.steps_per_epoch,
              "unlabelled_batch_size": args.unlabelled_batch_size, "learning_rate": args.lr,
              "seed": args.seed, "workers": args.workers, "gpu": args.gpu,
-             "cpus_per_worker": args.cpus_per_worker, "address": args.address}
+             "cpus_per_worker": args.cpus_per_worker, "address": args.address, "gan": args.gan,
+             "grades": args.grades, "grades_scan": args.grades_scan}
     d.update({k: v for k, v in flags.items() if v is not None})
     if args.param:
         d["method_params"] = {**d.get("method_params", {}), **dict(args.param)}
     if args.width is not None:
         d["model_params"] = {**d.get("model_params", default_model_params()), "width": args.width}
-    if args.batch_size is not None or args.augment:
+    gan_fraction = args.gan_fraction
+    if gan_fraction is None and args.gan is not None and "gan_fraction" not in d.get("stream", {}):
+        gan_fraction = DEFAULT_GAN_FRACTION
+    if args.batch_size is not None or args.augment or gan_fraction is not None:
         stream = dict(d.get("stream", {}))
         if args.batch_size is not None:
             stream["batch_size"] = args.batch_size
+        if gan_fraction is not None:
+            stream["gan_fraction"] = gan_fraction
         if args.augment:
             stream["augment"] = AugmentConfig().to_dict()
         d["stream"] = stream
@@ -171,7 +216,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     logging.getLogger("training").setLevel(logging.INFO)
     try:
-        report = evaluate_models(args.models, args.data, args.out, split=args.split)
+        report = evaluate_models(args.models, args.data, args.out, split=args.split,
+                                 inject=False if args.known_lenses_only else None)
     except (RegistryError, DatasetError, ValueError) as exc:
         print(f"lensscan evaluate: refused: {exc}", file=sys.stderr)
         return 2
@@ -181,7 +227,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``build-dataset``, ``show-injections``, ``train`` and ``evaluate`` to ``lensscan``."""
+    """Add ``build-dataset``, ``show-injections``, ``train``, ``evaluate`` and ``gan`` to ``lensscan``."""
     from training.measure import DeflectorCuts
     from training.methods import METHODS
 
@@ -264,6 +310,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="Ray Train workers, data-parallel (default: 1)")
     p.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: 1)")
+    p.add_argument("--grades", help="grades.csv exported from a scan's report: A/B become known-lens "
+                   "positives, not_lens hard negatives, C is left out")
+    p.add_argument("--grades-scan", help="the scan the grades come from (default: the directory "
+                   "holding --grades), whose tiles the graded stamps are cut from")
+    p.add_argument("--gan", help="a GAN directory (lensscan gan train) whose samples replace "
+                   "--gan-fraction of each batch's injected lenses")
+    p.add_argument("--gan-fraction", type=float, help="share of each batch's positives drawn from "
+                   "--gan (default with --gan: 0.25)")
     p.add_argument("--address", help="Ray cluster address (default: a local cluster)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard what OUT/NAME holds (versions, checkpoints) and train from scratch; "
@@ -278,6 +332,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="lensscan-evaluation",
                    help="where evaluation.json, pr_curve.png and predictions.parquet go "
                    "(default: %(default)s)")
+    p.add_argument("--known-lenses-only", action="store_true", help="positives are the dataset's "
+                   "known lenses alone, no injection: a test survey whose lenses another simulator "
+                   "made (or real ones), to measure generalisation")
     p.add_argument("--split", choices=["holdout", "train"],
                    help="dataset split (default: the one the models were evaluated on, holdout)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = subparsers.add_parser(
+        "export", help="copy trained model versions into another registry (e.g. the package's "
+        "built-in one), with float16 weights by default and without checkpoints")
+    p.add_argument("--models", required=True, help="a model directory of a registry (NAME with "
+                   "version-K inside), or one version")
+    p.add_argument("--out", required=True, help="registry root to copy into")
+    p.add_argument("--name", help="model name in --out (default: the source's)")
+    p.add_argument("--float32", action="store_true", help="keep float32 weights (default: float16)")
+    p.add_argument("--overwrite", action="store_true", help="replace versions already in --out")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser(
+        "ablate", help="train the grid methods x augmentation x GAN (and a scaling study over "
+        "simulated lenses and non-lenses) on Ray and tabulate each cell on a test survey")
+    p.add_argument("--config", required=True, help="TOML, JSON or YAML ablation config, e.g. "
+                   "configs/ablation-small.toml")
+    p.add_argument("--out", help="output directory (overrides the config's)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (overrides the config's)")
+    p.set_defaults(func=cmd_ablate)
+
+    from training.gan_cli import add_gan_command
+
+    add_gan_command(subparsers)

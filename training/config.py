@@ -50,7 +50,11 @@ from training.stream import StreamConfig
 WEAK_AUGMENT = dataclasses.replace(AugmentConfig.none(), rot90=True, flip=True, translate=True)
 
 #: Fields a re-run may change and still resume: how long and where it runs, not what it learns.
-RESUMABLE_FIELDS = ("epochs", "versions", "workers", "gpu", "cpus_per_worker", "address")
+#: The training split's pools a run reads (``max_pool_stamps`` may limit each).
+TRAIN_POOLS = ("deflector", "non_lens", "unlabelled")
+
+RESUMABLE_FIELDS = ("epochs", "versions", "workers", "gpu", "cpus_per_worker", "max_failures",
+                    "address")
 
 
 def default_model_params() -> dict[str, Any]:
@@ -102,6 +106,9 @@ class TrainConfig:
         Train on GPUs (injection runs there too).
     cpus_per_worker : float
         CPUs reserved per worker.
+    max_failures : int
+        Worker-group failures (a worker or its node lost) Ray Train survives per version: it
+        restarts the workers, which resume from the last checkpoint.
     stream : StreamConfig
         The labelled stream: labelled batch size per worker, positive fraction, look-alike rate,
         injection, look-alikes, and its augmentations (off unless ``--augment``). Its ``seed`` is
@@ -110,6 +117,17 @@ class TrainConfig:
         The two views methods take of unlabelled stamps: geometry only, and the full set.
     evaluation : EvaluationConfig
         The held-out evaluation set and figures.
+    max_pool_stamps : dict of str to int
+        At most this many stamps of a training pool (``deflector``, ``non_lens``, ``unlabelled``),
+        a seeded random subset: the scaling study's knob (how many hosts for simulated lenses, how
+        many non-lenses). Empty: every stamp.
+    grades, grades_scan : str, optional
+        A ``grades.csv`` exported from a scan's report, and that scan's output directory (default:
+        the directory holding the grades file): A/B grades become known-lens positives, "not a
+        lens" hard negatives (``training.grades``).
+    gan : str, optional
+        A GAN directory (``lensscan gan train``) whose samples replace ``stream.gan_fraction`` of
+        each batch's positives.
     address : str, optional
         Ray cluster address; by default a local cluster (or the one already connected).
     """
@@ -131,15 +149,28 @@ class TrainConfig:
     workers: int = 1
     gpu: bool = False
     cpus_per_worker: float = 1.0
+    max_failures: int = 3
     stream: StreamConfig = field(default_factory=_default_stream)
     weak_augment: AugmentConfig = WEAK_AUGMENT
     strong_augment: AugmentConfig = field(default_factory=AugmentConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    max_pool_stamps: dict[str, int] = field(default_factory=dict)
+    grades: str | None = None
+    grades_scan: str | None = None
+    gan: str | None = None
     address: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method_params", dict(self.method_params))
         object.__setattr__(self, "model_params", dict(self.model_params))
+        object.__setattr__(self, "max_pool_stamps", {str(k): int(v) for k, v in
+                                                     self.max_pool_stamps.items()})
+        unknown = set(self.max_pool_stamps) - set(TRAIN_POOLS)
+        if unknown or any(v < 1 for v in self.max_pool_stamps.values()):
+            raise ValueError(f"TrainConfig.max_pool_stamps={self.max_pool_stamps}: limit the pools "
+                             f"{list(TRAIN_POOLS)} to >= 1 stamps each")
+        if self.max_failures < 0:
+            raise ValueError(f"TrainConfig.max_failures={self.max_failures}: expected >= 0")
         for name in ("epochs", "versions", "workers", "unlabelled_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)}: expected >= 1")
@@ -156,6 +187,16 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.out={self.out!r}: the registry is a local directory "
                              f"(copy it to cloud storage afterwards)")
         build_method(self.method, self.method_params)  # refuses unknown methods and parameters
+        if self.grades is not None and self.grades_scan is None:
+            object.__setattr__(self, "grades_scan", self.grades.rsplit("/", 1)[0]
+                               if "/" in self.grades else ".")
+        if (self.gan is None) != (self.stream.gan_fraction == 0):
+            raise ValueError("TrainConfig: give both a GAN directory (gan) and a share of GAN "
+                             "positives (stream.gan_fraction > 0), or neither")
+
+    def pool_counts(self, counts: dict[str, int]) -> dict[str, int]:
+        """The dataset's train-split ``counts`` after ``max_pool_stamps``."""
+        return {name: min(n, self.max_pool_stamps.get(name, n)) for name, n in counts.items()}
 
     def version_seed(self, version: int) -> int:
         """Return the seed of version ``version`` (1-based): ``seed + version - 1``."""

@@ -74,6 +74,10 @@ class EvaluationConfig:
         Sizes of the top of the ranked list whose precision is reported.
     batch_size : int
         Stamps per forward pass when scoring.
+    inject : bool
+        Inject lenses into the split's deflectors. False: the positives are the split's known
+        lenses alone, e.g. a survey whose lenses another simulator made (or real ones), which is
+        how generalisation from our own injections is measured.
     """
 
     split: str = "holdout"
@@ -83,6 +87,7 @@ class EvaluationConfig:
     recalls: tuple[float, ...] = (0.5, 0.8, 0.9)
     top_n: tuple[int, ...] = (10, 50, 100)
     batch_size: int = 256
+    inject: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "recalls", tuple(float(r) for r in self.recalls))
@@ -147,6 +152,9 @@ def build_eval_set(data: str, spec: InputSpec, config: EvaluationConfig,
     pools = {name: _subset(read_pool(data, name, config.split), config.max_stamps_per_pool, rng)
              for name in ("deflector", "non_lens", "known_lens")}
     deflectors = pools["deflector"]
+    if not config.inject and len(pools["known_lens"]) == 0:
+        raise DatasetError(f"{data}: split {config.split!r} has no known lenses to measure recall "
+                           f"on without injection; build the dataset with --truth, or inject")
     if len(deflectors) == 0 and len(pools["known_lens"]) == 0:
         raise DatasetError(f"{data}: split {config.split!r} has no deflectors and no known lenses, "
                            f"so there is nothing to measure recall on; build the dataset with a "
@@ -162,7 +170,7 @@ def build_eval_set(data: str, spec: InputSpec, config: EvaluationConfig,
         kinds.append(np.full(len(ids), kind))
 
     deflector_ids = deflectors.rows["objid"].to_numpy()
-    for start in range(0, len(deflectors), chunk):
+    for start in range(0, len(deflectors) if config.inject else 0, chunk):
         index = np.arange(start, min(start + chunk, len(deflectors)))
         part = torch.from_numpy(deflectors.stamps[index])
         lensed, params = inject_lenses(part, deflectors.meta[torch.from_numpy(index)], injection,
@@ -263,8 +271,13 @@ def pr_curve_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | P
     """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.8, 3.6))
+    many = len(curves) > 5  # the legend goes beside the axes, and the curves get a colour cycle
+    fig = Figure(figsize=(7.6 if many else 4.8, 3.6))
     ax = fig.subplots()
+    if many:
+        from matplotlib import colormaps
+
+        ax.set_prop_cycle(color=colormaps["tab20"].colors[:len(curves)])
     fraction = None
     for name, (scores, labels) in curves.items():
         curve = precision_recall(scores, labels)
@@ -281,7 +294,10 @@ def pr_curve_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | P
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, frameon=False, loc="best")
+    if many:
+        ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize=7, frameon=False, loc="best")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     path = Path(path)
@@ -360,12 +376,13 @@ def _recorded_eval_setup(metas: Sequence[dict[str, Any]]
 
 
 def evaluate_models(model_dirs: Sequence[str | Path], data: str, out: str | Path | None,
-                    split: str | None = None) -> EvaluationReport:
+                    split: str | None = None, inject: bool | None = None) -> EvaluationReport:
     """Evaluate every version under ``model_dirs`` and their ensemble on a dataset's labelled stamps.
 
     The evaluation set is the one recorded in the versions' ``model.json`` (same seed, lenses and
     look-alikes as at export, so the figures are reproduced) when they all agree, else the
-    defaults; ``split`` overrides its split. Versions are scored by the scanner's own
+    defaults; ``split`` overrides its split and ``inject=False`` keeps only the known lenses as
+    positives (a survey whose lenses another simulator made). Versions are scored by the scanner's own
     ``Ensemble.predict``.
 
     Raises
@@ -381,6 +398,8 @@ def evaluate_models(model_dirs: Sequence[str | Path], data: str, out: str | Path
     config, injection, lookalikes = _recorded_eval_setup([v.meta for v in ensemble.versions])
     if split is not None:
         config = dataclasses.replace(config, split=split)
+    if inject is not None:
+        config = dataclasses.replace(config, inject=inject)
     eval_set = build_eval_set(data, ensemble.input_spec, config, injection, lookalikes)
     columns = []
     for start in range(0, len(eval_set), config.batch_size):

@@ -15,6 +15,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from scanner.config import InputSpec
 from scanner.models import build_model
 from scanner.registry import save_version
@@ -37,6 +39,14 @@ def exported_network(checkpoint: str | Path, config: TrainConfig, spec: InputSpe
     net = build_model(config.architecture, config.model_params, spec.n_channels)
     net.load_state_dict(read_weights(checkpoint, which))
     return net.eval()
+
+
+def _gan_record(config: TrainConfig) -> dict[str, Any] | None:
+    if config.gan is None:
+        return None
+    from training.gan import GeneratedLenses
+
+    return {**GeneratedLenses(config.gan).describe(), "fraction": config.stream.gan_fraction}
 
 
 def training_record(config: TrainConfig, version: int, dataset_info: dict[str, Any],
@@ -62,7 +72,10 @@ def training_record(config: TrainConfig, version: int, dataset_info: dict[str, A
         "unlabelled_augment": ({"weak": config.weak_augment.to_dict(),
                                 "strong": config.strong_augment.to_dict()}
                                if method.uses_unlabelled else None),
-        "gan": None,
+        "gan": _gan_record(config),
+        "grades": (None if config.grades is None else
+                   {"url": config.grades, "scan": config.grades_scan,
+                    "known_lens_fraction": config.stream.known_lens_fraction}),
         "data": {"url": config.data, "lensscan_version": dataset_info.get("lensscan_version"),
                  "counts": dataset_info.get("counts"), "sky_split": dataset_info.get("sky_split"),
                  "dataset_config": dataset_info.get("config")},
@@ -94,3 +107,26 @@ def export_version(checkpoint: str | Path, config: TrainConfig, version: int, sp
     write_predictions(path / "predictions.parquet", eval_set, {"score": scores})
     logger.info("exported %s (AUROC %s, TPR0 %s)", path, metrics["auroc"], metrics["tpr0"])
     return path
+
+
+def copy_versions(model_dir: str | Path, out: str | Path, *, name: str | None = None,
+                  dtype: torch.dtype = torch.float16, overwrite: bool = False) -> list[Path]:
+    """Copy every version under ``model_dir`` into registry ``out`` (weights in ``dtype``).
+
+    How the built-in ensemble ships: trained into a work registry, then copied with float16
+    weights (half the size, scores within float16 rounding) and without checkpoints or
+    predictions. ``model.json``'s training record and metrics travel unchanged, plus the source.
+    """
+    from scanner.registry import load_ensemble
+
+    ensemble = load_ensemble([str(model_dir)])
+    written = []
+    for v in ensemble.versions:
+        training = {**v.meta.get("training", {}), "copied_from": {"path": str(v.path),
+                                                                   "content_hash": v.content_hash}}
+        written.append(save_version(v.model, out, name=name or v.name, version=v.version,
+                                    architecture=v.architecture, params=v.params,
+                                    input_spec=v.input_spec, training=training,
+                                    metrics=v.meta.get("metrics"), dtype=dtype, overwrite=overwrite))
+    return written
+

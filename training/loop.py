@@ -48,6 +48,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from scanner import storage
 from scanner.config import InputSpec
 from scanner.models import build_model
 from scanner.normalise import normalise
@@ -147,6 +148,23 @@ def _worker_logger() -> None:
         training_logger.propagate = False
 
 
+def _test_fault(rank: int, epoch: int) -> None:
+    """Test-only switch: with LENSSCAN_TEST_KILL_TRAIN_WORKER=<file>, the rank-1 worker starting
+    epoch 2 creates the file and dies, as a worker on a lost node would (once per file). It
+    first waits a few seconds: Ray Train's controller registers a reported checkpoint when it next
+    polls the workers, and a worker lost before that costs the epoch, which this test is not about."""
+    marker = os.environ.get("LENSSCAN_TEST_KILL_TRAIN_WORKER")
+    if not marker or rank != 1 or epoch != 1:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    time.sleep(5)
+    os._exit(1)
+
+
 def _epoch_line(entry: dict[str, Any], epochs: int, workers: int) -> str:
     losses = " ".join(f"{k} {v:.4f}" for k, v in entry.items()
                       if k.startswith(("loss", "weight_", "mask_")))
@@ -183,7 +201,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Train one version on this worker: the body every Ray Train worker runs.
 
     ``loop_config`` holds ``config`` (``TrainConfig.to_dict()``), ``version``, ``steps_per_epoch``,
-    ``input_spec`` and ``run`` (a label for log lines).
+    ``input_spec``, ``datasets`` (the names of the Ray Datasets given) and ``run`` (a label for
+    log lines).
     """
     import ray.train
     import ray.train.torch
@@ -203,8 +222,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             spec.bands, spec.stamp_size_pix)
 
     method = build_method(config.method, config.method_params)
+    generated = None
+    if config.gan is not None:
+        from training.gan import GeneratedLenses
+
+        generated = GeneratedLenses(config.gan, device)
+        generated.check_input_spec(spec)
+    known = shard("known_lens") if "known_lens" in loop_config["datasets"] else None
     stream = LensTrainingStream(shard("deflector"), shard("negative"), spec,
-                                dataclasses.replace(config.stream, seed=seed * 1009 + rank), device)
+                                dataclasses.replace(config.stream, seed=seed * 1009 + rank), device,
+                                generated=None if generated is None else generated.sample,
+                                known_lenses=known)
     # Normalised once and kept in host memory (a shard can outgrow the accelerator's).
     unlabelled = (torch.from_numpy(normalise(shard("unlabelled").stamps, spec))
                   if method.uses_unlabelled else None)
@@ -232,6 +260,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         draws = torch.Generator().manual_seed(int(seeds[1]))
         views = torch.Generator(device=device)
         views.manual_seed(int(seeds[2]))
+        _test_fault(rank, epoch)
         model.train()
         sums: dict[str, float] = defaultdict(float)
         n_stamps, start_step, started = 0, step, time.perf_counter()
@@ -265,21 +294,54 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _pool_dir(data: str, pool: str) -> str:
-    from scanner import storage
-
     return storage.join(stamps_dir(data), "split=train", f"pool={pool}")
 
 
-def _ray_dataset(data: str, pools: tuple[str, ...], counts: dict[str, int]):
-    """The training split's ``pools`` as one materialised Ray Dataset.
+def _pool_dataset(data: str, pool: str, limit: int | None, seed: int):
+    """One pool of a dataset's train split; with ``limit``, a random subset of that many stamps.
 
-    Materialised on the driver before the workers start: reading needs CPUs, which the workers
-    would otherwise hold while waiting for their shards.
+    The subset is the first ``limit`` stamps of a shuffle seeded by ``seed``, so every version of
+    a run and every re-run sees the same stamps.
     """
     import ray.data
 
-    paths = [_pool_dir(data, p) for p in pools if counts.get(p, 0) > 0]
-    return ray.data.read_parquet(paths).materialize()
+    ds = ray.data.read_parquet(_pool_dir(data, pool))
+    return ds if limit is None else ds.random_shuffle(seed=seed).limit(limit)
+
+
+def _ray_dataset(config: TrainConfig, pools: list[tuple[str, str]], counts: dict[str, dict[str, int]]):
+    """The ``(dataset, pool)`` pairs' train-split stamps as one materialised Ray Dataset, or None.
+
+    Pools of ``config.data`` keep within ``config.max_pool_stamps``. Materialised on the driver
+    before the workers start: reading needs CPUs, which the workers would otherwise hold while
+    waiting for their shards.
+    """
+    parts = [_pool_dataset(data, pool, config.max_pool_stamps.get(pool) if data == config.data
+                           else None, config.seed)
+             for data, pool in pools if counts[data].get(pool, 0) > 0]
+    if not parts:
+        return None
+    return (parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])).materialize()
+
+
+def training_datasets(config: TrainConfig, counts: dict[str, int], uses_unlabelled: bool,
+                      graded: str | None) -> dict[str, Any]:
+    """The Ray Datasets the workers shard: deflectors, negatives, known lenses, unlabelled.
+
+    Negatives are the non-lenses and the un-injected deflectors; a graded dataset adds its
+    "not a lens" objects to them and its A/B lenses to the dataset's own known lenses.
+    """
+    per_data = {config.data: counts}
+    if graded is not None:
+        per_data[graded] = open_dataset(graded)["counts"]["train"]
+    extra = [] if graded is None else [(graded, "non_lens"), (graded, "deflector")]
+    datasets = {"deflector": _ray_dataset(config, [(config.data, "deflector")], per_data),
+                "negative": _ray_dataset(config, [(config.data, "non_lens"),
+                                                  (config.data, "deflector"), *extra], per_data),
+                "known_lens": _ray_dataset(config, [(d, "known_lens") for d in per_data], per_data)}
+    if uses_unlabelled:
+        datasets["unlabelled"] = _ray_dataset(config, [(config.data, "unlabelled")], per_data)
+    return {name: ds for name, ds in datasets.items() if ds is not None}
 
 
 def _check_counts(config: TrainConfig, counts: dict[str, int], uses_unlabelled: bool) -> None:
@@ -303,6 +365,17 @@ def steps_per_epoch(config: TrainConfig, n_deflectors: int) -> int:
     return max(1, math.ceil(n_deflectors / (n_positive * config.workers)))
 
 
+def _filled(recorded: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``recorded`` with the keys it lacks taken from ``defaults``, in nested tables too."""
+    out = dict(recorded)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _filled(out[key], value)
+    return out
+
+
 def _prepare_model_dir(config: TrainConfig, overwrite: bool) -> Path:
     """Create ``<out>/<name>``, emptied with ``overwrite``; refuse one holding another run.
 
@@ -314,7 +387,9 @@ def _prepare_model_dir(config: TrainConfig, overwrite: bool) -> Path:
     if overwrite and model_dir.exists():
         shutil.rmtree(model_dir)
     elif record.is_file():
-        before = json.loads(record.read_text()).get("fingerprint", {})
+        # A setting an earlier lensscan did not record yet counts as its default.
+        before = _filled(json.loads(record.read_text()).get("fingerprint", {}),
+                         TrainConfig(data=config.data, out=config.out).fingerprint())
         now = config.fingerprint()
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if changed:
@@ -359,18 +434,22 @@ def fit_version(config: TrainConfig, version: int, spec: InputSpec, datasets: di
 
     The checkpoint lives under ``<out>/<name>/_checkpoints/run-<version>/``.
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage = (Path(config.out) / config.name / CHECKPOINTS_DIR).resolve()
+    storage_path = (Path(config.out) / config.name / CHECKPOINTS_DIR).resolve()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "version": version, "run": f"v{version}",
-                           "steps_per_epoch": n_steps, "input_spec": spec.to_dict()},
+                           "steps_per_epoch": n_steps, "input_spec": spec.to_dict(),
+                           "datasets": sorted(datasets)},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
-        run_config=RunConfig(name=f"run-{version}", storage_path=str(storage),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        run_config=RunConfig(name=f"run-{version}", storage_path=str(storage_path),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=config.max_failures),
+                             # The scan's non-secret storage settings, so workers reach the data.
+                             worker_runtime_env={"env_vars": storage.worker_env()}),
         datasets=datasets)
     result = trainer.fit()
     if result.checkpoint is None:
@@ -396,17 +475,25 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> list[Path]:
 
     info = open_dataset(config.data)
     spec = InputSpec.from_dict(info["input_spec"])
-    counts = info["counts"]["train"]
+    counts = config.pool_counts(info["counts"]["train"])
     method = build_method(config.method, config.method_params)
     _check_counts(config, counts, method.uses_unlabelled)
+    if config.gan is not None:
+        from training.gan import GeneratedLenses
+
+        # The workers open the GAN from their own directories.
+        config = dataclasses.replace(config, gan=storage.absolute(config.gan))
+        GeneratedLenses(config.gan).check_input_spec(spec)  # refused here, not on every worker
     model_dir = _prepare_model_dir(config, overwrite)
     eval_set: EvalSet = build_eval_set(config.data, spec, config.evaluation,
                                        config.stream.injection, config.stream.lookalikes)
+    graded = None
+    if config.grades is not None:
+        from training.grades import build_graded_dataset
+
+        graded = build_graded_dataset(config.grades, config.grades_scan, str(model_dir / "_grades"))
     _ensure_ray(config)
-    datasets = {"deflector": _ray_dataset(config.data, ("deflector",), counts),
-                "negative": _ray_dataset(config.data, ("non_lens", "deflector"), counts)}
-    if method.uses_unlabelled:
-        datasets["unlabelled"] = _ray_dataset(config.data, ("unlabelled",), counts)
+    datasets = training_datasets(config, counts, method.uses_unlabelled, graded)
     n_steps = steps_per_epoch(config, counts["deflector"])
     logger.info("training %d version(s) of %s with %s: %d epochs of %d steps on %d worker(s)",
                 config.versions, config.name, config.method, config.epochs, n_steps, config.workers)

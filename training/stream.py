@@ -1,8 +1,10 @@
 """The labelled training stream: fresh lenses every epoch, normalised like the scan, augmented.
 
-Each batch mixes positives (deflector stamps with a lens injected now, on the accelerator),
-look-alike negatives (deflector stamps with unlensed blue structure, at ``lookalike_rate``) and
-plain negatives (the dataset's ``deflector`` and ``non_lens`` stamps as they are). Raw stamps are
+Each batch mixes positives (deflector stamps with a lens injected now, on the accelerator, and,
+with a GAN, a ``gan_fraction`` share of generated lens stamps, and with known lenses (the
+dataset's, or graded A/B in a report), a ``known_lens_fraction`` share of those), look-alike
+negatives (deflector
+stamps with unlensed blue structure, at ``lookalike_rate``) and plain negatives (the dataset's ``deflector`` and ``non_lens`` stamps as they are). Raw stamps are
 injected first and only then normalised by ``scanner.normalise.normalise`` (the scan's function:
 a host round trip, as it is numpy), then augmented on the device. The generator is seeded from
 (seed, epoch), so every epoch sees new lenses and any epoch can be replayed exactly.
@@ -20,7 +22,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -36,7 +38,12 @@ from training.lookalikes import LookalikeConfig, paint_lookalikes
 logger = logging.getLogger(__name__)
 
 #: What each stamp of a batch is, in ``batch["kind"]``.
-KIND_NEGATIVE, KIND_LENS, KIND_LOOKALIKE = 0, 1, 2
+KIND_NEGATIVE, KIND_LENS, KIND_LOOKALIKE, KIND_GENERATED, KIND_KNOWN = 0, 1, 2, 3, 4
+POSITIVE_KINDS = (KIND_LENS, KIND_GENERATED, KIND_KNOWN)
+
+#: Draws ``n`` normalised lens stamps on the stream's device from a torch Generator
+#: (:meth:`training.gan.GeneratedLenses.sample`).
+Sampler = Callable[[int, torch.Generator], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,12 @@ class StreamConfig:
         Share of each batch that gets an injected lens; balanced classes by default.
     lookalike_rate : float
         Share of each batch's negatives that are look-alikes (0 switches them off).
+    gan_fraction : float
+        Share of each batch's positives drawn from a GAN instead of injected (used only when the
+        stream is given a sampler; the papers' strongest recipe mixes both).
+    known_lens_fraction : float
+        Share of each batch's positives drawn (with replacement, then augmented) from known
+        lenses, when the stream has any: few and precious, so they are shown every step.
     seed : int
         With the epoch number, seeds every draw.
     injection, lookalikes, augment
@@ -60,6 +73,8 @@ class StreamConfig:
     batch_size: int = 256
     positive_fraction: float = 0.5
     lookalike_rate: float = 0.2
+    gan_fraction: float = 0.0
+    known_lens_fraction: float = 0.25
     seed: int = 0
     injection: InjectionConfig = field(default_factory=InjectionConfig)
     lookalikes: LookalikeConfig = field(default_factory=LookalikeConfig)
@@ -71,6 +86,11 @@ class StreamConfig:
         if not 0 < self.positive_fraction < 1 or not 0 <= self.lookalike_rate <= 1:
             raise ValueError("StreamConfig: positive_fraction must be in (0, 1), lookalike_rate "
                              "in [0, 1]")
+        if not 0 <= self.gan_fraction < 1 or not 0 <= self.known_lens_fraction < 1 or \
+                self.gan_fraction + self.known_lens_fraction >= 1:
+            raise ValueError(f"StreamConfig: gan_fraction={self.gan_fraction} and "
+                             f"known_lens_fraction={self.known_lens_fraction} must each be in "
+                             f"[0, 1) and sum below 1 (some positives must stay injected)")
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -85,11 +105,16 @@ class LensTrainingStream:
     An epoch visits every deflector once as a positive (in a fresh order); negatives and
     look-alike hosts are drawn at random. Batches are dicts of ``x`` (N, C, S, S) normalised and
     augmented, ``label`` (N,) 1 for a lens, ``kind`` (N,) (:data:`KIND_NEGATIVE`, ...), and
-    ``objid`` (N,) of the host stamp.
+    ``objid`` (N,) of the host stamp (-1 for a generated stamp).
+
+    ``generated`` (a :data:`Sampler`, e.g. a GAN's) replaces ``config.gan_fraction`` of each
+    batch's positives; its stamps are already normalised and are augmented with the rest.
+    ``known_lenses`` (raw stamps of real or graded lenses) replace ``config.known_lens_fraction``.
     """
 
     def __init__(self, deflectors: StampSet, negatives: StampSet, spec: InputSpec,
-                 config: StreamConfig, device: torch.device | str = "cpu") -> None:
+                 config: StreamConfig, device: torch.device | str = "cpu",
+                 generated: Sampler | None = None, known_lenses: StampSet | None = None) -> None:
         if len(deflectors) == 0:
             raise ValueError("the deflector pool is empty: no stamps to inject lenses into; loosen "
                              "the deflector cuts or give a larger survey")
@@ -104,10 +129,18 @@ class LensTrainingStream:
         self.device = torch.device(device)
         self._deflector_ids = deflectors.rows["objid"].to_numpy()
         self._negative_ids = negatives.rows["objid"].to_numpy()
-        self.n_positive = max(1, round(config.batch_size * config.positive_fraction))
+        self.generated = generated
+        self.known = known_lenses if known_lenses is not None and len(known_lenses) else None
+        self._known_ids = None if self.known is None else self.known.rows["objid"].to_numpy()
+        n_positive = max(1, round(config.batch_size * config.positive_fraction))
+        self.n_generated = round(n_positive * config.gan_fraction) if generated is not None else 0
+        self.n_known = (round(n_positive * config.known_lens_fraction) if self.known is not None
+                        else 0)
+        self.n_injected = max(1, n_positive - self.n_generated - self.n_known)
+        self.n_positive = self.n_injected + self.n_generated + self.n_known
 
     def __len__(self) -> int:
-        return math.ceil(len(self.deflectors) / self.n_positive)
+        return math.ceil(len(self.deflectors) / self.n_injected)
 
     def _raw(self, pool: StampSet, index: np.ndarray) -> tuple[torch.Tensor, BandMeta]:
         stamps = torch.from_numpy(pool.stamps[index]).to(self.device)
@@ -121,8 +154,8 @@ class LensTrainingStream:
         generator.manual_seed(int(rng.integers(2**62)))
         order = rng.permutation(len(self.deflectors))
         n_negative = c.batch_size - self.n_positive
-        for start in range(0, len(order), self.n_positive):
-            positive = order[start:start + self.n_positive]
+        for start in range(0, len(order), self.n_injected):
+            positive = order[start:start + self.n_injected]
             n_look = int(rng.binomial(n_negative, c.lookalike_rate))
             hosts = rng.integers(0, len(self.deflectors), n_look)
             plain = rng.integers(0, len(self.negatives), n_negative - n_look)
@@ -133,6 +166,11 @@ class LensTrainingStream:
             parts.append(lensed[params["passed_cuts"]])
             kinds.append(np.full(int(ok.sum()), KIND_LENS))
             ids.append(self._deflector_ids[positive[ok]])
+            if self.n_known:
+                known = rng.integers(0, len(self.known), self.n_known)
+                parts.append(self._raw(self.known, known)[0])
+                kinds.append(np.full(self.n_known, KIND_KNOWN))
+                ids.append(self._known_ids[known])
             if n_look:
                 raw, meta = self._raw(self.deflectors, hosts)
                 painted, _ = paint_lookalikes(raw, meta, c.lookalikes, generator)
@@ -145,6 +183,11 @@ class LensTrainingStream:
                 ids.append(self._negative_ids[plain])
             raw_batch = torch.cat(parts).cpu().numpy()
             x = torch.from_numpy(normalise(raw_batch, self.spec)).to(self.device)
+            if self.n_generated:
+                x = torch.cat([x, self.generated(self.n_generated, generator).to(self.device)])
+                kinds.append(np.full(self.n_generated, KIND_GENERATED))
+                ids.append(np.full(self.n_generated, -1, np.int64))
             kind = torch.from_numpy(np.concatenate(kinds)).to(self.device)
-            yield {"x": augment(x, c.augment, generator), "label": (kind == KIND_LENS).long(),
+            label = torch.isin(kind, torch.tensor(POSITIVE_KINDS, device=kind.device)).long()
+            yield {"x": augment(x, c.augment, generator), "label": label,
                    "kind": kind, "objid": torch.from_numpy(np.concatenate(ids))}

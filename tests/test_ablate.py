@@ -56,27 +56,28 @@ def test_gan_positives_replace_the_chosen_share_of_injected_ones(train_dataset, 
 
 def test_ablation_runs_a_two_cell_grid_on_ray_and_tabulates_the_test_survey(
         train_dataset, spec, tiny_survey, ray_cluster, tmp_path):
+    """VAT and pseudo-labelling with GAN positives, each on 2 Ray Train workers, 2 trials at once."""
     test = tmp_path / "test-set"  # every sky cell held out: the test survey's known lenses
     build_dataset(DatasetConfig(tiles=tiny_survey.tiles_url, catalog=tiny_survey.catalog_url,
                                 out=str(test), tile_pattern=tiny_survey.tile_pattern,
                                 truth=tiny_survey.truth_url, holdout_fraction=1.0, seed=1))
-    shared = {"epochs": 2, "steps_per_epoch": 3, "workers": 1, "learning_rate": 5e-3,
+    shared = {"epochs": 2, "steps_per_epoch": 8, "workers": 2, "learning_rate": 5e-3,
               "model_params": {"depth": 11, "width": 4, "stem_stride": 2},
               "stream": {"batch_size": 8, "injection": CHEAP, "lookalikes": CHEAP},
               "evaluation": {"top_n": [5]}}
     config_file = tmp_path / "ablation.json"
     config_file.write_text(json.dumps({
         "data": train_dataset, "test": str(test), "out": str(tmp_path / "ablation"),
-        "train": shared, "methods": ["supervised"], "augment": [False], "gan": [False, True],
+        "train": shared, "methods": ["vat", "pseudo_label"], "augment": [False], "gan": [True],
         "gan_dir": _gan(tmp_path / "gan", spec), "versions": 1, "max_concurrent": 2}))
     config = AblationConfig.from_file(config_file)
-    assert [c.name for c in config.cells()] == ["supervised-noaug-nogan", "supervised-noaug-gan"]
+    assert [c.name for c in config.cells()] == ["vat-noaug-gan", "pseudo_label-noaug-gan"]
 
     summary = run_ablation(config)
 
     out = Path(config.out)
     results = pd.read_csv(out / "results.csv")
-    assert list(results["cell"]) == ["supervised-noaug-nogan"] * 2 + ["supervised-noaug-gan"] * 2
+    assert list(results["cell"]) == ["vat-noaug-gan"] * 2 + ["pseudo_label-noaug-gan"] * 2
     assert set(results["version"].astype(str)) == {"1", "ensemble"}
     n_lenses = int(results["n_test_lenses"].iloc[0])
     assert n_lenses == len(read_pool(str(test), "known_lens", "holdout")) > 0
@@ -89,14 +90,15 @@ def test_ablation_runs_a_two_cell_grid_on_ray_and_tabulates_the_test_survey(
         row = results[(results["cell"] == cell.name) & (results["version"].astype(str) == "1")]
         for key in FIGURES:
             assert row[key].iloc[0] == pytest.approx(expected[key], nan_ok=True)
-    gan_meta = json.loads((out / "registry" / "supervised-noaug-gan" / "version-1" /
-                           "model.json").read_text())["training"]["gan"]
-    assert gan_meta["fraction"] == 0.25 and gan_meta["content_hash"]
-    assert json.loads((out / "registry" / "supervised-noaug-nogan" / "version-1" /
-                       "model.json").read_text())["training"]["gan"] is None
+    for cell in config.cells():  # two methods trained end to end on 2 Ray Train workers
+        training = json.loads((out / "registry" / cell.name / "version-1" /
+                               "model.json").read_text())["training"]
+        assert training["method"] == cell.method and training["workers"] == 2
+        assert training["history"][-1]["loss_labelled"] < training["history"][0]["loss_labelled"]
+        assert training["gan"]["fraction"] == 0.25 and training["gan"]["content_hash"]
     assert len(summary) == 2 and {"precision_at_recall_0.8_mean", "auroc_std"} <= set(summary)
     table = (out / "results.md").read_text()
-    assert "| supervised-noaug-gan | 1 |" in table and "P@R0.8" in table
+    assert "| pseudo_label-noaug-gan | 1 |" in table and "P@R0.8" in table
     assert (out / "pr_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -347,9 +347,12 @@ def test_shipped_default_ensemble_loads_and_scores(tmp_path):
     ensemble = load_ensemble([default_models_dir()])
     assert len(ensemble) == 4
     assert ensemble.input_spec == InputSpec()
-    assert all(v.meta["training"]["method"] == "untrained" for v in ensemble.versions)
-    for version in ensemble.versions:
-        assert (version.path / "model.safetensors").stat().st_size < 1_000_000
+    for version in ensemble.versions:  # trained by the project's own pipeline, and says how
+        training = version.meta["training"]
+        assert training["method"] == "supervised" and training["epochs"] == 30
+        assert training["augment"]["rot90"] and training["config"]["versions"] == 4
+        assert version.meta["metrics"]["auroc"] > 0.9
+        assert (version.path / "model.safetensors").stat().st_size < 1_000_000  # float16
     scores = ensemble.predict(stamps(2, InputSpec()))
     assert scores.shape == (2, 4)
     assert ((scores > 0) & (scores < 1)).all()

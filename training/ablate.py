@@ -213,6 +213,8 @@ def _rows(cell: Cell, figures: dict[str, Any]) -> list[dict[str, Any]]:
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
     """Per cell: mean and standard deviation over versions, and the ensemble's figure."""
+    # Undefined figures (None in the CSV rows) become NaN, so means skip nothing silently.
+    results = results.assign(**{k: pd.to_numeric(results[k], errors="coerce") for k in FIGURES})
     versions = results[results["version"] != "ensemble"]
     ensemble = results[results["version"] == "ensemble"].set_index("cell")
     out = []
@@ -221,11 +223,9 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
                                             "max_non_lens")}
         row["versions"] = len(group)
         for key in FIGURES:
-            values = pd.to_numeric(group[key], errors="coerce")
-            row[f"{key}_mean"] = float(values.mean())
-            row[f"{key}_std"] = float(values.std(ddof=0))
-            row[f"{key}_ensemble"] = float(pd.to_numeric(pd.Series([ensemble.loc[cell, key]]),
-                                                         errors="coerce").iloc[0])
+            row[f"{key}_mean"] = float(group[key].mean())
+            row[f"{key}_std"] = float(group[key].std(ddof=0))
+            row[f"{key}_ensemble"] = float(ensemble.loc[cell, key])
         out.append(row)
     return pd.DataFrame(out)
 

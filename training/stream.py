@@ -1,12 +1,12 @@
 """The labelled training stream: fresh lenses every epoch, normalised like the scan, augmented.
 
-Each batch mixes positives (deflector stamps with a lens injected now, on the accelerator, and,
-with a GAN, a ``gan_fraction`` share of generated lens stamps, and with known lenses (the
-dataset's, or graded A/B in a report), a ``known_lens_fraction`` share of those), look-alike
-negatives (deflector
-stamps with unlensed blue structure, at ``lookalike_rate``) and plain negatives (the dataset's ``deflector`` and ``non_lens`` stamps as they are). Raw stamps are
-injected first and only then normalised by ``scanner.normalise.normalise`` (the scan's function:
-a host round trip, as it is numpy), then augmented on the device. The generator is seeded from
+Each batch mixes positives (deflector stamps with a lens injected now, on the accelerator; with
+a GAN, a ``gan_fraction`` share of generated lens stamps; with known lenses, the dataset's or
+graded A/B in a report, a ``known_lens_fraction`` share of those), look-alike negatives
+(deflector stamps with unlensed blue structure, at ``lookalike_rate``) and plain negatives (the
+dataset's ``deflector`` and ``non_lens`` stamps as they are). Raw stamps are injected first and
+only then normalised by ``scanner.normalise.normalise`` (the scan's function: a host round trip,
+as it is numpy), then augmented on the device. The generator is seeded from
 (seed, epoch), so every epoch sees new lenses and any epoch can be replayed exactly.
 
 Example

@@ -455,14 +455,16 @@ def _worker_env() -> dict[str, Any]:
 
 
 def _model_probe(model_dirs: Sequence[str], use_gpu: bool, tiles: list[Tile], positions: Positions,
-                 spec: InputSpec, batch_size: int, repeats: int) -> tuple[Rate, dict[str, Any]]:
-    """Model-only rate in a Ray task holding one scoring actor's resources; also its machine."""
+                 spec: InputSpec, batch_size: int, repeats: int,
+                 precision: str) -> tuple[Rate, dict[str, Any], str]:
+    """Model-only rate in a Ray task holding one scoring actor's resources; also its machine and
+    the precision the forward ran in."""
     from scanner.stages import EnsembleScorer
 
     # The scorer the scan's actors run: same model loading, device choice and .to() path.
-    scorer = EnsembleScorer(model_dirs, use_gpu=use_gpu)
+    scorer = EnsembleScorer(model_dirs, use_gpu=use_gpu, precision=precision)
     stamps = scan_stamps(tiles, positions, spec, limit=MODEL_STAMPS_MAX)
-    return model_rate(scorer.ensemble, stamps, batch_size, repeats), machine()
+    return model_rate(scorer.ensemble, stamps, batch_size, repeats), machine(), scorer.ensemble.precision
 
 
 def _warmup_catalog(sample: SurveySample, n_objects: int, work_dir: str) -> str:
@@ -487,7 +489,7 @@ class ScanRun:
 
 
 def scan_once(sample: SurveySample, model_dirs: Sequence[str], out: str, batch_size: int,
-              gpus_per_actor: float = 0.0, catalog: str | None = None) -> ScanRun:
+              gpus_per_actor: float = 0.0, catalog: str | None = None, precision: str = "auto") -> ScanRun:
     """Run ``run_scan`` on ``sample`` into ``out`` (replaced), without a report; time and sample memory.
 
     ``stamps`` counts the objects the scan cut (scored or failed at the cut), which is what both
@@ -498,6 +500,7 @@ def scan_once(sample: SurveySample, model_dirs: Sequence[str], out: str, batch_s
     config = ScanConfig(tiles=sample.tiles_url, catalog=catalog or sample.catalog_url, out=out,
                         model_dirs=tuple(model_dirs), bands=sample.bands, tile_pattern=sample.tile_pattern,
                         batch_size=batch_size, num_gpus_per_actor=gpus_per_actor, overwrite=True,
+                        precision=precision,
                         report_top_n=0)
     with MemorySampler() as mem:
         t = time.perf_counter()
@@ -523,6 +526,7 @@ class StageFigures:
     scan_steady: Rate | None = None
     memory: dict[str, float] = field(default_factory=dict)
     worker_machine: dict[str, Any] = field(default_factory=dict)
+    precision: str = ""  # what the scorer's forward ran in (float32, bfloat16, float16)
 
     @property
     def cut_per_s(self) -> float:
@@ -625,7 +629,7 @@ class StageFigures:
 
 def measure_stages(sample: SurveySample, model_dirs: Sequence[str], work_dir: str, *,
                    stages: Sequence[str] = STAGES, batch_size: int = 256, gpus_per_actor: float = 0.0,
-                   repeats: int = 3) -> StageFigures:
+                   repeats: int = 3, precision: str = "auto") -> StageFigures:
     """Measure cut-only, model-only and the end-to-end scan on the same stamps of ``sample``.
 
     Runs on the Ray cluster this process is connected to (call ``ray.init`` first). Cut-only and
@@ -689,7 +693,7 @@ def measure_stages(sample: SurveySample, model_dirs: Sequence[str], work_dir: st
     if "scan" in stages:
         logger.info("scan: warm-up on %d objects (not timed)", 2 * batch_size)
         scan_once(sample, model_dirs, out, batch_size, layout.gpus_per_actor,
-                  catalog=_warmup_catalog(sample, 2 * batch_size, work_dir))
+                  catalog=_warmup_catalog(sample, 2 * batch_size, work_dir), precision=precision)
     cut_seconds: list[float] = []
     model_seconds: list[float] = []
     model_items = 0
@@ -704,13 +708,15 @@ def measure_stages(sample: SurveySample, model_dirs: Sequence[str], work_dir: st
             done.append(f"cut-only {rate.per_s:.0f}/s per core")
         if "model" in stages:
             # One Ray task holding a scoring actor's resources; its own warm-up is two batches.
-            rate, figures.worker_machine = ray.get(model_task.remote(
-                list(model_dirs), layout.gpus_per_actor > 0, tiles, positions, survey_spec, batch_size, 1))
+            rate, figures.worker_machine, figures.precision = ray.get(model_task.remote(
+                list(model_dirs), layout.gpus_per_actor > 0, tiles, positions, survey_spec, batch_size, 1,
+                precision))
             model_seconds += rate.seconds
             model_items = rate.items
             done.append(f"model-only {rate.per_s:.0f}/s per actor")
         if "scan" in stages:
-            runs.append(scan_once(sample, model_dirs, out, batch_size, layout.gpus_per_actor))
+            runs.append(scan_once(sample, model_dirs, out, batch_size, layout.gpus_per_actor,
+                                  precision=precision))
             if runs[-1].stamps != n_stamps:
                 raise RuntimeError(f"the scan cut {runs[-1].stamps} objects but the plan has {n_stamps}: "
                                    f"{sample.catalog_url} or its tiles changed while the bench ran")

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from scanner.bench import STAGES, StageFigures
+from scanner.config import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
                    "so the scan's steady part lasts tens of seconds)")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="stamps per model forward, "
                    "as for scan (default: %(default)s)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="the models' forward "
+                   "precision, as for scan (default: %(default)s)")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed repeats per stage after "
                    "the warm-up; the median is reported with the spread (default: %(default)s)")
     p.add_argument("--address", help="Ray cluster address (auto, ray://host:10001); default: a "
@@ -149,7 +152,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             bands = tuple(b.strip() for b in args.bands.split(",") if b.strip()) if args.bands else None
             sample = SurveySample(args.tiles, args.tile_pattern, args.catalog, bands)
         figures = measure_stages(sample, models, work_dir, stages=args.stages, batch_size=args.batch_size,
-                                 gpus_per_actor=gpus_per_actor, repeats=args.repeats)
+                                 gpus_per_actor=gpus_per_actor, repeats=args.repeats,
+                                 precision=args.precision)
         projection = (project_survey(figures, args.objects, args.gpus, args.gpu_hour_price)
                       if args.objects is not None else None)
         if projection and args.gpu_hour_price is not None and "cost" not in projection:
@@ -173,6 +177,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                            "catalog": sample.catalog_url, "mock": args.tiles is None},
         "models": models, "versions": len(ensemble), "input_spec": spec.to_dict(),
         "batch_size": args.batch_size, "repeats": args.repeats, "stages": list(args.stages),
+        "precision": args.precision, "model_precision": figures.precision or None,
         "address": args.address, "work_dir": work_dir, **figures.layout.to_dict()})
     print(format_table(report))
     storage.write_bytes_atomic(args.json, json.dumps(report, indent=1).encode())
@@ -209,7 +214,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"lensscan bench: {p['versions']} model versions, {spec['stamp_size_pix']} px "
         f"{','.join(spec['bands'])} stamps, {p['stamps']} stamps on {p['tiles']} tiles, batch "
-        f"{p['batch_size']}, median of {p['repeats']} repeat(s)",
+        f"{p['batch_size']}, {p.get('model_precision') or p.get('precision', 'auto')}, median of "
+        f"{p['repeats']} repeat(s)",
         f"machine: {m['cpu']}, {m['cores']} cores, {gpus}; torch {m['torch']}, ray {m['ray']}",
         f"cluster: {m['cluster']['cpus']:g} CPUs, {m['cluster']['gpus']:g} GPUs, {m['cluster']['nodes']} "
         f"node(s); scan layout: {p['actors']} scoring actor(s) ({p['cpus_per_actor']:g} CPU, "

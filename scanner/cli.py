@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from scanner import __version__
+from scanner.config import PRECISIONS
 
 logger = logging.getLogger("lensscan")
 
@@ -69,7 +70,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
                         bands=_bands(args.bands), tile_pattern=pattern, batch_size=args.batch_size,
                         num_actors=args.num_actors, num_gpus_per_actor=args.num_gpus_per_actor,
                         write_csv=args.csv, resume=resume, overwrite=overwrite, address=args.address,
-                        truth=truth, report_top_n=args.report_top)
+                        truth=truth, report_top_n=args.report_top, precision=args.precision)
     try:
         result = run_scan(config)
     except (ScanRefused, RegistryError, FileNotFoundError, ValueError) as exc:
@@ -142,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "uses its own")
     p.add_argument("--report-top", type=int, default=200, help="candidates in report.html "
                    "(0: no report; default: %(default)s)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="the models' forward "
+                   "precision: auto is bfloat16 on GPUs and float32 on CPUs; bfloat16 on a CPU with "
+                   "native bf16 (AVX512-BF16, AMX) scores about 2x faster, within about 0.01 "
+                   "(default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted scan in --out")
     p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
     p.set_defaults(func=cmd_scan)

@@ -52,6 +52,11 @@ class InputSpec:
         return cls(**d)
 
 
+PRECISIONS = ("auto", "float32", "bfloat16")
+"""Forward precisions of the ensemble (``lensscan scan --precision``); see
+``scanner.registry.autocast_dtype`` for what each means on a CPU and a GPU."""
+
+
 @dataclass(frozen=True)
 class ScanConfig:
     """Everything one scan needs; written into the output's ``scan.json`` and catalog metadata."""
@@ -72,6 +77,7 @@ class ScanConfig:
     max_missing_fraction: float = 0.8
     truth: str | None = None  # optional objid,is_lens table: the report adds PR curve and precision
     report_top_n: int = 200  # candidates in report.html's gallery; 0 writes no report
+    precision: str = "auto"  # forward precision, one of PRECISIONS: bf16 on GPUs by default
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -55,7 +55,7 @@ def cut_stamps(tile_pixels: np.ndarray, x: np.ndarray, y: np.ndarray, size: int)
     half = size // 2
     x0 = np.rint(np.asarray(x, dtype=np.float64)).astype(np.int64) - half
     y0 = np.rint(np.asarray(y, dtype=np.float64)).astype(np.int64) - half
-    out = np.full((n, c, size, size), np.nan, dtype=np.float32)
+    out = np.empty((n, c, size, size), dtype=np.float32)
     flags = np.zeros(n, dtype=np.int32)
     if n == 0:
         return Stamps(out, flags, np.zeros(0, np.float32))
@@ -65,24 +65,31 @@ def cut_stamps(tile_pixels: np.ndarray, x: np.ndarray, y: np.ndarray, size: int)
         windows = sliding_window_view(tile_pixels, (size, size), axis=(1, 2))  # (C, H', W', S, S)
         idx = np.flatnonzero(inside)
         out[idx] = np.moveaxis(windows[:, y0[idx], x0[idx]], 0, 1)
-    for i in np.flatnonzero(~inside):
-        flags[i] |= FLAG_EDGE
+    edge = np.flatnonzero(~inside)
+    out[edge] = np.nan
+    flags[edge] |= FLAG_EDGE
+    for i in edge:
         ys, xs = max(y0[i], 0), max(x0[i], 0)
         ye, xe = min(y0[i] + size, h), min(x0[i] + size, w)
         if ye > ys and xe > xs:
             out[i, :, ys - y0[i]:ye - y0[i], xs - x0[i]:xe - x0[i]] = tile_pixels[:, ys:ye, xs:xe]
 
-    finite = np.isfinite(out)
-    missing = 1.0 - finite.mean(axis=(1, 2, 3), dtype=np.float32)
-    in_tile_missing = (~finite).any(axis=(1, 2, 3)) & ~(flags & FLAG_EDGE).astype(bool)
-    # An edge stamp may also hide masked pixels inside the tile: check just its in-tile part.
-    for i in np.flatnonzero(flags & FLAG_EDGE):
-        ys, xs = max(y0[i], 0) - y0[i], max(x0[i], 0) - x0[i]
-        ye, xe = min(y0[i] + size, h) - y0[i], min(x0[i] + size, w) - x0[i]
-        if ye > ys and xe > xs and not finite[i, :, ys:ye, xs:xe].all():
-            in_tile_missing[i] = True
-    flags[in_tile_missing] |= FLAG_MASKED
-    return Stamps(out, flags, missing.astype(np.float32))
+    # Any NaN or inf pixel makes a stamp's sum non-finite: one fast reduction finds the few
+    # stamps whose pixels need counting (a huge finite sum only costs an exact count).
+    missing = np.zeros(n, dtype=np.float32)
+    for i in np.flatnonzero(~np.isfinite(out.sum(axis=(1, 2, 3)))):
+        finite = np.isfinite(out[i])
+        missing[i] = 1.0 - finite.mean(dtype=np.float32)
+        if not flags[i] & FLAG_EDGE:
+            masked = not finite.all()
+        else:
+            # An edge stamp may also hide masked pixels inside the tile: check just its in-tile part.
+            ys, xs = max(y0[i], 0) - y0[i], max(x0[i], 0) - x0[i]
+            ye, xe = min(y0[i] + size, h) - y0[i], min(x0[i] + size, w) - x0[i]
+            masked = ye > ys and xe > xs and not finite[:, ys:ye, xs:xe].all()
+        if masked:
+            flags[i] |= FLAG_MASKED
+    return Stamps(out, flags, missing)
 
 
 def make_stamps(tile_pixels: np.ndarray, x: np.ndarray, y: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, Stamps]:

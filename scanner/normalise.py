@@ -20,26 +20,50 @@ from scanner.config import InputSpec
 _MAD_TO_SIGMA = 1.4826
 
 
-def _frame_mask(size: int) -> np.ndarray:
-    width = max(2, size // 16)
-    m = np.zeros((size, size), dtype=bool)
-    m[:width, :] = m[-width:, :] = m[:, :width] = m[:, -width:] = True
-    return m
+def _frame(stamps: np.ndarray) -> np.ndarray:
+    """The outer frame of each stamp band, (N, C, F): four strips, about 1/4 of the stamp.
+
+    Strips, not a boolean mask: a mask gather costs three times as much, and the statistics
+    taken on the frame do not depend on the order of its pixels.
+    """
+    n, c, s, _ = stamps.shape
+    w = max(2, s // 16)
+    return np.concatenate([stamps[:, :, :w, :].reshape(n, c, -1), stamps[:, :, s - w:, :].reshape(n, c, -1),
+                           stamps[:, :, w:s - w, :w].reshape(n, c, -1),
+                           stamps[:, :, w:s - w, s - w:].reshape(n, c, -1)], axis=2)
+
+
+def _median(values: np.ndarray) -> np.ndarray:
+    """``np.median`` over the last axis of NaN-free data, twice as fast, same values.
+
+    One partition at the upper middle, then the lower middle as the largest value below it:
+    numpy's SIMD partition takes a single ``kth``; given two it falls back to a scalar loop.
+    """
+    f = values.shape[-1]
+    k = f // 2
+    part = np.partition(values, k, axis=-1)
+    if f % 2:
+        return part[..., k]
+    return (part[..., :k].max(axis=-1) + part[..., k]) * np.float32(0.5)
 
 
 def sky_level_and_noise(stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Median and robust sigma (N, C) of each stamp band's outer frame, ignoring NaN."""
-    n, c, s, _ = stamps.shape
-    frame = stamps[:, :, _frame_mask(s)]  # (N, C, F) copy, about 1/4 of the stamp
-    has_nan = np.isnan(frame).any(axis=(1, 2))
+    n, c = stamps.shape[:2]
+    frame = _frame(np.asarray(stamps, dtype=np.float32))
+    # A NaN anywhere makes the sum NaN: one fast reduction instead of a mask of the whole frame.
+    has_nan = np.isnan(frame.sum(axis=2)).any(axis=1)
     med = np.empty((n, c), dtype=np.float32)
     mad = np.empty((n, c), dtype=np.float32)
     clean = ~has_nan
-    if clean.any():
+    if clean.all():
+        med[:] = _median(frame)
+        mad[:] = _median(np.abs(frame - med[..., None]))
+    elif clean.any():
         f = frame[clean]
-        m = np.median(f, axis=2)
+        m = _median(f)
         med[clean] = m
-        mad[clean] = np.median(np.abs(f - m[..., None]), axis=2)
+        mad[clean] = _median(np.abs(f - m[..., None]))
     if has_nan.any():
         # An all-NaN frame warns and gives NaN; it is replaced by the fallback below.
         with warnings.catch_warnings():
@@ -59,10 +83,25 @@ def sky_level_and_noise(stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def asinh_robust(stamps: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Sky-subtracted, noise-scaled, asinh-stretched copy of ``stamps`` (N, C, S, S) float32."""
     med, sigma = sky_level_and_noise(stamps)
-    scaled = (stamps - med[..., None, None]) / (spec.softening_sigma * sigma[..., None, None])
-    out = np.arcsinh(scaled, dtype=np.float32)
-    np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    out = np.subtract(stamps, med[..., None, None], dtype=np.float32)
+    out /= (np.float32(spec.softening_sigma) * sigma)[..., None, None]
+    np.arcsinh(out, out=out)
+    # Missing pixels (NaN, inf) become 0, the sky level. Most batches have none: check first.
+    bad = ~np.isfinite(out)
+    if bad.any():
+        out[bad] = 0.0
     return out
+
+
+def to_float16(stamps: np.ndarray) -> np.ndarray:
+    """``stamps`` as float16, the scan's stamp format: half the bytes to move and to copy to a GPU.
+
+    Through torch because numpy's float32 -> float16 cast is not vectorised: torch's is about 2.5x
+    faster here, with identical (round-to-nearest-even) results.
+    """
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(stamps, dtype=np.float32)).to(torch.float16).numpy()
 
 
 NORMALISATIONS: dict[str, Callable[[np.ndarray, InputSpec], np.ndarray]] = {

@@ -283,7 +283,7 @@ def _stream(config: ScanConfig, plan: Plan, todo: list, ensemble: Ensemble, band
                 .map_batches(cut, batch_size=1, num_cpus=1, runtime_env=runtime_env, max_retries=3)
                 .map_batches(EnsembleScorer, batch_size=config.batch_size, num_cpus=cpus, num_gpus=gpus,
                              fn_constructor_kwargs={"model_dirs": list(config.model_dirs),
-                                                    "use_gpu": gpus > 0},
+                                                    "use_gpu": gpus > 0, "precision": config.precision},
                              compute=ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=2),
                              runtime_env=runtime_env, max_restarts=3, max_task_retries=3)
                 .map_batches(ShardWriter, batch_size=4 * config.batch_size, batch_format="pyarrow",

@@ -37,7 +37,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from scanner.config import InputSpec
+from scanner.config import PRECISIONS, InputSpec
 from scanner.models import build_model, lens_probability
 
 logger = logging.getLogger(__name__)
@@ -393,6 +393,38 @@ def resolve_version_dirs(paths: Sequence[str | Path]) -> list[Path]:
     return sorted(found.values(), key=order)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions oneDNN uses (AVX512-BF16, AMX): only then is a
+    bfloat16 forward faster than float32 on the CPU (2.1x for the built-in ensemble on a Zen 4
+    core; several times slower where it is emulated)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``precision`` means on ``device``; ``None`` runs float32.
+
+    ``auto``: bfloat16 on a GPU (float16 on GPUs without bfloat16), float32 on a CPU, so a CPU
+    scan scores the same on every CPU. ``bfloat16``: also on the CPU, where it pays only with
+    native instructions (:func:`cpu_has_native_bf16`); a warning says so otherwise. Reduced
+    precision moves the scores by about 0.01 (benchmarks/README.md).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "float32":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "auto":
+        return None
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        logger.warning("precision bfloat16 on a CPU without native bfloat16 instructions is slower "
+                       "than float32; use --precision float32 here")
+    return torch.bfloat16
+
+
 class Ensemble:
     """A set of model versions sharing one input spec, scored together on each stamp batch.
 
@@ -409,6 +441,8 @@ class Ensemble:
         One score column per version, in ``versions`` order (the columns of :meth:`predict`).
     device : torch.device
         Where the networks live; a new ensemble is on the CPU, channels-last (see :meth:`to`).
+    precision : str
+        The forward's precision on that device: ``float32``, ``bfloat16`` or ``float16``.
     """
 
     def __init__(self, versions: Sequence[ModelVersion]) -> None:
@@ -446,8 +480,8 @@ class Ensemble:
             for v in self.versions
         ]
 
-    def to(self, device: str | torch.device, *, channels_last: bool = True) -> "Ensemble":
-        """Move every version to ``device`` and return the ensemble.
+    def to(self, device: str | torch.device, *, channels_last: bool = True, precision: str = "auto") -> "Ensemble":
+        """Move every version to ``device``, choose the forward's precision, and return the ensemble.
 
         Parameters
         ----------
@@ -457,14 +491,17 @@ class Ensemble:
             Store weights and feed stamps channels-last (NHWC). The CUDA tensor-core kernels prefer
             it, and on the CPU oneDNN runs these small-channel convolutions about twice as fast
             in NHWC as in NCHW.
+        precision
+            One of :data:`PRECISIONS` (see :func:`autocast_dtype`); :attr:`precision` holds what
+            it resolved to on ``device``.
         """
         self.device = torch.device(device)
         self._channels_last = channels_last
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         for model in self._models:
             model.to(self.device, memory_format=memory_format)
-        on_old_gpu = self.device.type == "cuda" and not torch.cuda.is_bf16_supported()
-        self._autocast_dtype = torch.float16 if on_old_gpu else torch.bfloat16
+        self._autocast_dtype = autocast_dtype(precision, self.device)
+        self.precision = str(self._autocast_dtype or torch.float32).removeprefix("torch.")
         return self
 
     def predict(self, stamps: torch.Tensor, *, autocast: bool = True) -> torch.Tensor:
@@ -478,9 +515,8 @@ class Ensemble:
             Normalised stamps ``(N, C, H, W)`` with ``C`` bands and ``H = W = stamp_size_pix`` of
             the input spec; moved to the ensemble's device if elsewhere.
         autocast
-            On CUDA, run the networks in bfloat16 (float16 where bfloat16 is unsupported). Ignored
-            on the CPU: bfloat16 is only fast there on CPUs with native bf16 instructions, so CPU
-            scans stay float32 and score the same on every machine.
+            Run the networks in the reduced precision :meth:`to` chose (bfloat16 on GPUs by
+            default); ``False`` forces float32.
         """
         spec = self.input_spec
         if stamps.ndim != 4 or stamps.shape[1:] != (spec.n_channels, spec.stamp_size_pix, spec.stamp_size_pix):
@@ -488,12 +524,12 @@ class Ensemble:
                 f"stamps have shape {tuple(stamps.shape)}, the ensemble expects "
                 f"(N, {spec.n_channels}, {spec.stamp_size_pix}, {spec.stamp_size_pix}) for bands {list(spec.bands)}"
             )
-        on_cuda = self.device.type == "cuda"
+        reduced = autocast and self._autocast_dtype is not None
         with torch.inference_mode():
             x = stamps.to(self.device, dtype=torch.float32, non_blocking=True)
             if self._channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=self._autocast_dtype, enabled=autocast and on_cuda):
+            with torch.autocast(self.device.type, dtype=self._autocast_dtype or torch.bfloat16, enabled=reduced):
                 scores = [lens_probability(model(x).float()) for model in self._models]
             return torch.stack(scores, dim=1)
 

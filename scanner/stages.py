@@ -20,6 +20,7 @@ from scanner import storage
 from scanner.catalog import table_to_bytes
 from scanner.config import InputSpec
 from scanner.cutouts import make_stamps
+from scanner.normalise import to_float16
 from scanner.plan import failure_table, failures_dir, read_tile_objects
 from scanner.tiles import Tile, TileError, read_pixels
 
@@ -92,7 +93,7 @@ def cut_tile(tile_json: str, out: str, spec: InputSpec, bands: Sequence[str],
             batch["failure"] = np.full(m, error, dtype=object)
         else:
             normed, raw = make_stamps(pixels, batch["x"], batch["y"], spec)
-            batch["stamp"] = normed.astype(np.float16)
+            batch["stamp"] = to_float16(normed)
             batch["flags"] = raw.flags
             batch["missing_fraction"] = raw.missing_fraction
             too_empty = raw.missing_fraction > max_missing_fraction
@@ -109,7 +110,7 @@ class EnsembleScorer:
     Rows that already failed (``failure`` non-empty) are passed through with NaN scores.
     """
 
-    def __init__(self, model_dirs: Sequence[str], use_gpu: bool = False):
+    def __init__(self, model_dirs: Sequence[str], use_gpu: bool = False, precision: str = "auto"):
         import torch
 
         from scanner.registry import load_ensemble
@@ -117,7 +118,8 @@ class EnsembleScorer:
         self.torch = torch
         self.ensemble = load_ensemble(list(model_dirs))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.ensemble.to(self.device)
+        self.ensemble.to(self.device, precision=precision)
+        logger.info("scoring on %s in %s", self.device, self.ensemble.precision)
         self.on_gpu = self.device.type == "cuda"
         self.columns = list(self.ensemble.columns)
         self.node = node_id()

@@ -31,8 +31,10 @@ def report(ray_cluster, default_models, tmp_path_factory):
     work = tmp_path_factory.mktemp("bench")
     out = work / "bench.json"
     address = ray_cluster.get_runtime_context().gcs_address
-    # Two repeats: one alone cannot show how noisy the machine was while it ran.
+    # Two repeats: one alone cannot show how noisy the machine was while it ran. bfloat16, so the
+    # bench and its scans run the reduced-precision path end to end.
     code = bench(["--stamps", "512", "--batch-size", "64", "--repeats", "2", "--address", address,
+                  "--precision", "bfloat16",
                   "--models", default_models, "--work-dir", str(work / "work"), "--objects", str(OBJECTS),
                   "--json", str(out)])
     assert code == 0
@@ -60,6 +62,7 @@ def test_bench_json_has_the_documented_schema(report):
     assert {"torch", "ray", "numpy", "pyarrow", "lensscan"} <= set(m)
     assert m["cluster"]["cpus"] == 2 and m["cluster"]["gpus"] == 0
     assert set(report["stages"]) == {"cut", "model", "scan"}
+    assert report["parameters"]["precision"] == report["parameters"]["model_precision"] == "bfloat16"
     for stage in report["stages"].values():
         assert isinstance(stage["per_s"], float) and isinstance(stage["spread"], float)
         assert "per_core" in stage and "per_gpu" not in stage  # no GPU on this cluster

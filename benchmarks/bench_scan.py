@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from scanner.bench import SurveySample, machine, measure_stages, planned_positions, scan_once
+from scanner.config import PRECISIONS
 from scanner.mock_survey import MockSurveyConfig, make_mock_survey, open_mock_survey
 from scanner.registry import default_models_dir, load_ensemble
 
@@ -70,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-tiles", default="4,16", help="survey sizes (tiles of 1024 px) for peak memory")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per stage after a warm-up")
+    ap.add_argument("--precision", choices=PRECISIONS, default="auto", help="the scan's forward "
+                    "precision (the naive loop stays float32, as the research code ran)")
     ap.add_argument("--naive-stamps", type=int, default=300, help="stamps timed in the naive loop")
     ap.add_argument("--models", default=str(default_models_dir()))
     ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs for the local Ray cluster")
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     stages = measure_stages(plain, [args.models], str(cache), batch_size=args.batch_size,
-                            repeats=args.repeats)
+                            repeats=args.repeats, precision=args.precision)
     cut_fz = measure_stages(packed, [args.models], str(cache), stages=("cut",), repeats=args.repeats).cut
 
     torch.set_num_threads(1)  # the naive loop on one core, like one scoring actor
@@ -102,7 +105,8 @@ def main(argv=None) -> int:
     memory = []
     for n in [int(v) for v in args.memory_tiles.split(",") if v]:
         s = SurveySample.from_mock(survey(cache, n, 1024, False, 12))
-        run = scan_once(s, [args.models], str(cache / f"mem-out-{n}"), args.batch_size)
+        run = scan_once(s, [args.models], str(cache / f"mem-out-{n}"), args.batch_size,
+                        precision=args.precision)
         memory.append({"tiles": n, "objects": run.stamps, "seconds": run.seconds, **run.memory})
 
     lay = stages.layout
@@ -113,13 +117,14 @@ def main(argv=None) -> int:
         "benchmark": "scan", "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "parameters": {"tiles": args.tiles, "size_pix": args.size, "batch_size": args.batch_size,
                        "repeats": args.repeats, "ray_cpus": args.cpus, "scoring_actors": lay.actors,
+                       "precision": stages.precision,
                        "torch_threads_per_actor": 1, "models": [m["path"] for m in ens.describe()],
                        "stamp_size_pix": spec.stamp_size_pix, "bands": list(spec.bands),
                        "stamps": stages.stamps},
         "cut_fits_per_core": cut_plain.to_dict(), "cut_fz_per_core": cut_fz.to_dict(),
         "model_only_per_actor": model_1.to_dict(), "model_only_pool_per_s": model_pool,
         "naive_loop_per_s": naive, "naive_loop_stamps": n_naive,
-        "ratio_ours_over_naive": e2e / naive,
+        "ratio_ours_over_naive": e2e / naive, "ratio_steady_over_naive": steady / naive,
         "end_to_end_per_s": e2e, "end_to_end_seconds": stages.scan_wall.seconds,
         "end_to_end_steady_per_s": steady, "end_to_end": stages.stages()["scan"],
         "ratio_end_to_end_over_model_only": e2e / model_pool,
@@ -141,7 +146,9 @@ def main(argv=None) -> int:
             ("end-to-end / model-only (wall)", e2e / model_pool, float("nan")),
             ("end-to-end / model-only (steady)", steady / model_pool, float("nan")),
             (f"naive loop (Cutout2D, 1 stamp/forward; {n_naive} stamps)", naive, float("nan")),
-            ("ours (end-to-end, wall) / naive", e2e / naive, float("nan"))]
+            ("ours (end-to-end, wall) / naive", e2e / naive, float("nan")),
+            ("ours (end-to-end, steady) / naive", steady / naive, float("nan"))]
+    print(f"\nforward precision of the scan: {stages.precision}; the naive loop: float32")
     print(f"\n{'figure':58s} {'value':>10s} {'spread':>7s}")
     for name, v, sp in rows:
         print(f"{name:58s} {v:10.2f} {sp:7.2f}")

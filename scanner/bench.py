@@ -415,7 +415,7 @@ class ScoringLayout:
     @property
     def cut_cores(self) -> float:
         """CPUs left to read-and-cut tasks once every scoring actor holds its CPUs."""
-        return max(1.0, self.cluster_cpus - self.actors * self.cpus_per_actor)
+        return max(0.0, self.cluster_cpus - self.actors * self.cpus_per_actor)
 
     @property
     def gpus_used(self) -> float:
@@ -426,23 +426,20 @@ class ScoringLayout:
 
 
 def scoring_layout(gpus_per_actor: float = 0.0) -> ScoringLayout:
-    """The scan's actor pool on the connected Ray cluster, as ``run_scan`` sizes it by default.
-
-    Mirrors ``scanner.pipeline._actor_pool`` (one actor per ``gpus_per_actor`` GPUs, or half the
-    CPUs without GPUs; one CPU per actor); ``tests/test_bench.py`` checks the two agree.
-    """
+    """The scan's actor pool on the connected Ray cluster, as ``run_scan`` sizes it by default
+    (``scanner.pipeline._actor_pool`` itself)."""
     import ray
+
+    from scanner.pipeline import _actor_pool
 
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
     nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
-    if gpus_per_actor > 0:
-        if gpus == 0:
-            raise ValueError("--gpus-per-actor > 0 but the Ray cluster has no GPU; give 0 to score on CPUs")
-        actors = max(1, int(gpus // gpus_per_actor))
-    else:
-        actors = max(1, int(cpus) // 2)
-    return ScoringLayout(actors, 1.0, gpus_per_actor, cpus, gpus, max(1, nodes))
+    if gpus_per_actor > 0 and gpus == 0:
+        raise ValueError("--gpus-per-actor > 0 but the Ray cluster has no GPU; give 0 to score on CPUs")
+    actors, cpus_per_actor, _ = _actor_pool(ScanConfig(tiles="", catalog=None, out="", model_dirs=(),
+                                                       num_gpus_per_actor=gpus_per_actor))
+    return ScoringLayout(actors, cpus_per_actor, gpus_per_actor, cpus, gpus, max(1, nodes))
 
 
 # --------------------------------------------------------------------------------------------

@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "local cluster")
     p.add_argument("--batch-size", type=int, default=256, help="stamps per model forward (default: "
                    "%(default)s)")
-    p.add_argument("--num-actors", type=int, help="scoring actors (default: one per GPU, or half "
-                   "the CPUs)")
+    p.add_argument("--num-actors", type=int, help="scoring actors (default: one per GPU, or one per "
+                   "CPU)")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="GPUs per scoring actor "
                    "(0: score on CPUs)")
     p.add_argument("--truth", help="truth table (objid, is_lens) for the report's PR curve; the demo "

@@ -163,6 +163,20 @@ def _ray_init(address: str | None) -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
+# Without GPUs, every core scores: reading and cutting costs a few percent of a core per scoring
+# actor (cut-only runs at 25-50x one actor's model-only rate, benchmarks/README.md), so the
+# read-and-cut tasks hold a small share of the CPUs and the OS lends them the cycles. Leaving half
+# the cores to cutting, as before, halved a CPU scan's rate.
+CPU_SCAN_CUT_SHARE = 1 / 8  # of the cluster's CPUs, kept for read-and-cut tasks
+CPU_SCAN_CUT_TASK_CPUS = 0.25  # what one read-and-cut task holds on a CPU-only scan
+
+
+def cut_task_cpus(gpus_per_actor: float) -> float:
+    """CPUs one read-and-cut task holds: a whole core beside GPU actors (it is their feed), a
+    share on a CPU-only scan (see CPU_SCAN_CUT_SHARE)."""
+    return 1.0 if gpus_per_actor > 0 else CPU_SCAN_CUT_TASK_CPUS
+
+
 def _actor_pool(config: ScanConfig) -> tuple[int, float, float]:
     """Number of scoring actors, CPUs and GPUs per actor, from the cluster and the config."""
     import ray
@@ -175,9 +189,10 @@ def _actor_pool(config: ScanConfig) -> tuple[int, float, float]:
     if config.num_gpus_per_actor > 0:
         n = config.num_actors or max(1, int(gpus // config.num_gpus_per_actor))
         return n, 1.0, config.num_gpus_per_actor
-    cpus = int(res.get("CPU", 1))
-    # On CPUs, leave about half the cores to the cut stage that feeds the actors.
-    return config.num_actors or max(1, cpus // 2), 1.0, 0.0
+    cpus = float(res.get("CPU", 1))
+    n = config.num_actors or max(1, int(cpus))
+    for_cutting = max(CPU_SCAN_CUT_TASK_CPUS, cpus * CPU_SCAN_CUT_SHARE)
+    return n, min(1.0, max(cpus - for_cutting, CPU_SCAN_CUT_TASK_CPUS) / n), 0.0
 
 
 def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult:
@@ -280,7 +295,8 @@ def _stream(config: ScanConfig, plan: Plan, todo: list, ensemble: Ensemble, band
         # deprecation notice of the keyword form is Ray's to settle, not the user's to read.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return (ray.data.from_items(items, override_num_blocks=len(items))
-                .map_batches(cut, batch_size=1, num_cpus=1, runtime_env=runtime_env, max_retries=3)
+                .map_batches(cut, batch_size=1, num_cpus=cut_task_cpus(gpus), runtime_env=runtime_env,
+                             max_retries=3)
                 .map_batches(EnsembleScorer, batch_size=config.batch_size, num_cpus=cpus, num_gpus=gpus,
                              fn_constructor_kwargs={"model_dirs": list(config.model_dirs),
                                                     "use_gpu": gpus > 0, "precision": config.precision},

@@ -129,7 +129,8 @@ def test_scoring_layout_matches_the_scans_actor_pool(ray_cluster, default_models
     layout = scoring_layout(0.0)
     n, cpus, gpus = _actor_pool(ScanConfig(tiles="t", catalog="c", out="o", model_dirs=(default_models,)))
     assert (layout.actors, layout.cpus_per_actor, layout.gpus_per_actor) == (n, cpus, gpus)
-    assert layout.cut_cores == 1  # 2 CPUs, one held by the scoring actor
+    # 2 CPUs, no GPU: both cores score, a quarter of a CPU is kept for read-and-cut tasks.
+    assert (n, cpus, gpus) == (2, 0.875, 0.0) and layout.cut_cores == 0.25
 
 
 def _figures(gpus_per_actor: float, cluster_gpus: float, steady_per_s: float) -> StageFigures:

@@ -437,9 +437,8 @@ def scoring_layout(gpus_per_actor: float = 0.0) -> ScoringLayout:
     nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
     if gpus_per_actor > 0 and gpus == 0:
         raise ValueError("--gpus-per-actor > 0 but the Ray cluster has no GPU; give 0 to score on CPUs")
-    actors, cpus_per_actor, _ = _actor_pool(ScanConfig(tiles="", catalog=None, out="", model_dirs=(),
-                                                       num_gpus_per_actor=gpus_per_actor))
-    return ScoringLayout(actors, cpus_per_actor, gpus_per_actor, cpus, gpus, max(1, nodes))
+    pool = _actor_pool(ScanConfig(tiles="", catalog=None, out="", model_dirs=(), num_gpus_per_actor=gpus_per_actor))
+    return ScoringLayout(pool.actors, pool.cpus_per_actor, gpus_per_actor, cpus, gpus, max(1, nodes))
 
 
 # --------------------------------------------------------------------------------------------

@@ -168,17 +168,27 @@ def _ray_init(address: str | None) -> None:
 # read-and-cut tasks hold a small share of the CPUs and the OS lends them the cycles. Leaving half
 # the cores to cutting, as before, halved a CPU scan's rate.
 CPU_SCAN_CUT_SHARE = 1 / 8  # of the cluster's CPUs, kept for read-and-cut tasks
-CPU_SCAN_CUT_TASK_CPUS = 0.25  # what one read-and-cut task holds on a CPU-only scan
+MIN_CUT_TASK_CPUS = 0.25  # the least a read-and-cut task holds
 
 
-def cut_task_cpus(gpus_per_actor: float) -> float:
-    """CPUs one read-and-cut task holds: a whole core beside GPU actors (it is their feed), a
-    share on a CPU-only scan (see CPU_SCAN_CUT_SHARE)."""
-    return 1.0 if gpus_per_actor > 0 else CPU_SCAN_CUT_TASK_CPUS
+@dataclass(frozen=True)
+class ActorPool:
+    """How a scan lays itself out on the cluster: scoring actors and what a read-and-cut task holds."""
+
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    cut_task_cpus: float
 
 
-def _actor_pool(config: ScanConfig) -> tuple[int, float, float]:
-    """Number of scoring actors, CPUs and GPUs per actor, from the cluster and the config."""
+def _actor_pool(config: ScanConfig) -> ActorPool:
+    """The scoring actors and read-and-cut tasks' CPUs, from the cluster and the config.
+
+    With GPUs: one actor per ``num_gpus_per_actor`` GPUs with one CPU each, whole cores for
+    cutting (the GPUs' feed). Without: one actor per CPU, leaving ``CPU_SCAN_CUT_SHARE`` of them
+    to cutting; a cut task holds what is left, between ``MIN_CUT_TASK_CPUS`` and one CPU, so
+    fewer actors (``num_actors``) give cutting whole cores rather than more concurrent tiles.
+    """
     import ray
 
     res = ray.cluster_resources()
@@ -188,11 +198,12 @@ def _actor_pool(config: ScanConfig) -> tuple[int, float, float]:
                           "score on CPUs")
     if config.num_gpus_per_actor > 0:
         n = config.num_actors or max(1, int(gpus // config.num_gpus_per_actor))
-        return n, 1.0, config.num_gpus_per_actor
+        return ActorPool(n, 1.0, config.num_gpus_per_actor, 1.0)
     cpus = float(res.get("CPU", 1))
     n = config.num_actors or max(1, int(cpus))
-    for_cutting = max(CPU_SCAN_CUT_TASK_CPUS, cpus * CPU_SCAN_CUT_SHARE)
-    return n, min(1.0, max(cpus - for_cutting, CPU_SCAN_CUT_TASK_CPUS) / n), 0.0
+    for_cutting = max(MIN_CUT_TASK_CPUS, cpus * CPU_SCAN_CUT_SHARE)
+    per_actor = min(1.0, max(cpus - for_cutting, MIN_CUT_TASK_CPUS) / n)
+    return ActorPool(n, per_actor, 0.0, min(1.0, max(MIN_CUT_TASK_CPUS, cpus - n * per_actor)))
 
 
 def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult:
@@ -276,7 +287,7 @@ def _stream(config: ScanConfig, plan: Plan, todo: list, ensemble: Ensemble, band
     # A lost node surfaces inside a consuming actor task as an actor or object error, which
     # Ray treats as the task's own; both stages are pure or idempotent, so retry those.
     ctx.actor_task_retry_on_errors = [ray.exceptions.RayActorError, ray.exceptions.ObjectLostError]
-    n_actors, cpus, gpus = _actor_pool(config)
+    pool = _actor_pool(config)
     items = [{"tile": t.name, "tile_json": json.dumps(t.to_dict())} for t in todo]
 
     def cut(batch: dict[str, np.ndarray]):
@@ -295,12 +306,14 @@ def _stream(config: ScanConfig, plan: Plan, todo: list, ensemble: Ensemble, band
         # deprecation notice of the keyword form is Ray's to settle, not the user's to read.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return (ray.data.from_items(items, override_num_blocks=len(items))
-                .map_batches(cut, batch_size=1, num_cpus=cut_task_cpus(gpus), runtime_env=runtime_env,
+                .map_batches(cut, batch_size=1, num_cpus=pool.cut_task_cpus, runtime_env=runtime_env,
                              max_retries=3)
-                .map_batches(EnsembleScorer, batch_size=config.batch_size, num_cpus=cpus, num_gpus=gpus,
+                .map_batches(EnsembleScorer, batch_size=config.batch_size, num_cpus=pool.cpus_per_actor,
+                             num_gpus=pool.gpus_per_actor,
                              fn_constructor_kwargs={"model_dirs": list(config.model_dirs),
-                                                    "use_gpu": gpus > 0, "precision": config.precision},
-                             compute=ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=2),
+                                                    "use_gpu": pool.gpus_per_actor > 0,
+                                                    "precision": config.precision},
+                             compute=ActorPoolStrategy(size=pool.actors, max_tasks_in_flight_per_actor=2),
                              runtime_env=runtime_env, max_restarts=3, max_task_retries=3)
                 .map_batches(ShardWriter, batch_size=4 * config.batch_size, batch_format="pyarrow",
                              num_cpus=0, runtime_env=runtime_env, max_restarts=3, max_task_retries=3,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -127,10 +128,15 @@ def test_scoring_layout_matches_the_scans_actor_pool(ray_cluster, default_models
     from scanner.pipeline import _actor_pool
 
     layout = scoring_layout(0.0)
-    n, cpus, gpus = _actor_pool(ScanConfig(tiles="t", catalog="c", out="o", model_dirs=(default_models,)))
-    assert (layout.actors, layout.cpus_per_actor, layout.gpus_per_actor) == (n, cpus, gpus)
-    # 2 CPUs, no GPU: both cores score, a quarter of a CPU is kept for read-and-cut tasks.
-    assert (n, cpus, gpus) == (2, 0.875, 0.0) and layout.cut_cores == 0.25
+    config = ScanConfig(tiles="t", catalog="c", out="o", model_dirs=(default_models,))
+    pool = _actor_pool(config)
+    assert (layout.actors, layout.cpus_per_actor, layout.gpus_per_actor) == (pool.actors, pool.cpus_per_actor, 0)
+    # 2 CPUs, no GPU: both cores score, a quarter of a CPU is kept for one read-and-cut task.
+    assert (pool.actors, pool.cpus_per_actor, pool.cut_task_cpus) == (2, 0.875, 0.25)
+    assert layout.cut_cores == 0.25
+    # Fewer actors than CPUs: cutting gets whole cores, not more concurrent tiles.
+    one = _actor_pool(dataclasses.replace(config, num_actors=1))
+    assert (one.actors, one.cpus_per_actor, one.cut_task_cpus) == (1, 1.0, 1.0)
 
 
 def _figures(gpus_per_actor: float, cluster_gpus: float, steady_per_s: float) -> StageFigures:

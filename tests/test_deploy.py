@@ -251,11 +251,12 @@ def test_gpu_actors_fill_whole_worker_nodes(monkeypatch):
     monkeypatch.setattr(ray, "cluster_resources", lambda: full)
     config = ScanConfig(tiles=args.tiles, catalog=args.catalog, out=args.out, model_dirs=tuple(args.models),
                         num_actors=args.num_actors, num_gpus_per_actor=args.num_gpus_per_actor)
-    n_actors, cpus_per_actor, gpus_per_actor = _actor_pool(config)
+    pool = _actor_pool(config)
+    n_actors, cpus_per_actor, gpus_per_actor = pool.actors, pool.cpus_per_actor, pool.gpus_per_actor
     assert gpus_per_actor == args.num_gpus_per_actor
     assert n_actors == actors_per_node * group["maxReplicas"], \
         f"--num-actors {n_actors} should be maxReplicas x actors per node = {actors_per_node * group['maxReplicas']:.0f}"
-    assert n_actors == _actor_pool(dataclasses.replace(config, num_actors=None))[0], \
+    assert n_actors == _actor_pool(dataclasses.replace(config, num_actors=None)).actors, \
         "at full size the pool is what the scan would choose by itself"
 
     cut_cpus_per_gpu = (cpus_per_node - actors_per_node * cpus_per_actor) / gpus_per_node

@@ -1,12 +1,13 @@
 """Scan stage rates on the same stamps, in one run: cut-only (FITS and .fits.fz), model-only,
-end-to-end, their ratio, a naive per-object loop, and peak memory against survey size.
+end-to-end, their ratio, a naive per-object loop, end-to-end by number of scoring actors, and peak
+memory against survey size.
 
     python benchmarks/bench_scan.py                 # defaults: 4 tiles of 2048 px, memory 4 vs 16 tiles
     python benchmarks/bench_scan.py --help
 
 Cut-only, model-only and end-to-end come from ``scanner.bench.measure_stages``, the code behind
-``lensscan bench``; this script adds the .fits.fz cut, the naive loop and memory against survey
-size. Prints a table and saves JSON (machine, versions, parameters, figures) to benchmarks/results/.
+``lensscan bench``; this script adds the .fits.fz cut, the naive loop, the scaling over actors
+and memory against survey size. Prints a table and saves JSON (machine, versions, parameters, figures) to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", choices=PRECISIONS, default="auto", help="the scan's forward "
                     "precision (the naive loop stays float32, as the research code ran)")
     ap.add_argument("--naive-stamps", type=int, default=300, help="stamps timed in the naive loop")
+    ap.add_argument("--actors", default="1,2", help="scoring actor counts for the scaling figure: one "
+                    "end-to-end scan each on the stage figures' survey")
     ap.add_argument("--models", default=str(default_models_dir()))
     ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs for the local Ray cluster")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "lensscan-bench"),
@@ -102,6 +105,15 @@ def main(argv=None) -> int:
     tiles, pos = planned_positions(plain, spec.bands, str(cache))
     naive, n_naive = naive_rate(tiles, pos, ens, args.naive_stamps)
 
+    scaling = []
+    for n in [int(v) for v in args.actors.split(",") if v]:
+        run = scan_once(plain, [args.models], str(cache / f"scaling-out-{n}"), args.batch_size,
+                        precision=args.precision, num_actors=n)
+        scaling.append({"actors": n, "stamps": run.stamps, "wall_per_s": run.stamps / run.seconds,
+                        "steady_per_s": run.steady_per_s})
+        logging.getLogger("scanner.bench").info("scaling: %d actor(s): %.0f/s steady, %.0f/s wall", n,
+                                                run.steady_per_s, run.stamps / run.seconds)
+
     memory = []
     for n in [int(v) for v in args.memory_tiles.split(",") if v]:
         s = SurveySample.from_mock(survey(cache, n, 1024, False, 12))
@@ -128,7 +140,7 @@ def main(argv=None) -> int:
         "end_to_end_per_s": e2e, "end_to_end_seconds": stages.scan_wall.seconds,
         "end_to_end_steady_per_s": steady, "end_to_end": stages.stages()["scan"],
         "ratio_end_to_end_over_model_only": e2e / model_pool,
-        "ratio_steady_over_model_only": steady / model_pool, "memory": memory,
+        "ratio_steady_over_model_only": steady / model_pool, "memory": memory, "scaling": scaling,
         "bottleneck": stages.bottleneck(),
     }
     if len(memory) >= 2:
@@ -152,6 +164,9 @@ def main(argv=None) -> int:
     print(f"\n{'figure':58s} {'value':>10s} {'spread':>7s}")
     for name, v, sp in rows:
         print(f"{name:58s} {v:10.2f} {sp:7.2f}")
+    for s in scaling:
+        print(f"end-to-end with {s['actors']} scoring actor(s): {s['steady_per_s']:.0f} stamps/s steady, "
+              f"{s['wall_per_s']:.0f} wall ({s['steady_per_s'] / scaling[0]['steady_per_s']:.2f}x steady)")
     for m in memory:
         print(f"peak worker RSS, {m['tiles']:3d} tiles ({m['objects']} objects): "
               f"{m['peak_worker_rss_mb']:.0f} MiB (driver {m['peak_driver_rss_mb']:.0f} MiB)")

@@ -485,7 +485,8 @@ class ScanRun:
 
 
 def scan_once(sample: SurveySample, model_dirs: Sequence[str], out: str, batch_size: int,
-              gpus_per_actor: float = 0.0, catalog: str | None = None, precision: str = "auto") -> ScanRun:
+              gpus_per_actor: float = 0.0, catalog: str | None = None, precision: str = "auto",
+              num_actors: int | None = None) -> ScanRun:
     """Run ``run_scan`` on ``sample`` into ``out`` (replaced), without a report; time and sample memory.
 
     ``stamps`` counts the objects the scan cut (scored or failed at the cut), which is what both
@@ -496,8 +497,7 @@ def scan_once(sample: SurveySample, model_dirs: Sequence[str], out: str, batch_s
     config = ScanConfig(tiles=sample.tiles_url, catalog=catalog or sample.catalog_url, out=out,
                         model_dirs=tuple(model_dirs), bands=sample.bands, tile_pattern=sample.tile_pattern,
                         batch_size=batch_size, num_gpus_per_actor=gpus_per_actor, overwrite=True,
-                        precision=precision,
-                        report_top_n=0)
+                        precision=precision, num_actors=num_actors, report_top_n=0)
     with MemorySampler() as mem:
         t = time.perf_counter()
         result = run_scan(config)

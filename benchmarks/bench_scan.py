@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
+from bench_naive import naive_rate  # this folder: the script's own directory is on sys.path
 from scanner.bench import SurveySample, machine, measure_stages, planned_positions, scan_once
 from scanner.config import PRECISIONS
 from scanner.mock_survey import MockSurveyConfig, make_mock_survey, open_mock_survey
@@ -35,34 +34,6 @@ def survey(root: Path, n_tiles: int, size: int, compress: bool, seed: int):
     url = str(root / f"survey-{n_tiles}x{size}-{'fz' if compress else 'fits'}-{seed}")
     return open_mock_survey(url) or make_mock_survey(url, MockSurveyConfig(
         n_tiles=n_tiles, size_pix=size, n_lenses=4, seed=seed, compress=compress))
-
-
-def naive_rate(tiles, pos, ens, limit: int) -> tuple[float, int]:
-    """The original research code's way: astropy Cutout2D per object and band, one stamp per
-    forward pass, one model after another. Timed on the first ``limit`` objects."""
-    import torch
-    from astropy.nddata import Cutout2D
-
-    from scanner.normalise import normalise
-    from scanner.tiles import read_pixels
-
-    spec = ens.input_spec
-    n = 0
-    t = time.perf_counter()
-    for tile in tiles:
-        pixels = read_pixels(tile, spec.bands)
-        wcs = tile.wcs(spec.bands[0])
-        for x, y in zip(*pos[tile.name]):
-            bands = [Cutout2D(pixels[c], (x, y), spec.stamp_size_pix, wcs=wcs, mode="partial",
-                              fill_value=np.nan).data for c in range(len(spec.bands))]
-            stamp = torch.from_numpy(normalise(np.stack(bands)[None], spec))
-            with torch.no_grad():
-                for version in ens.versions:
-                    torch.softmax(version.model(stamp), dim=1)
-            n += 1
-            if n >= limit:
-                return n / (time.perf_counter() - t), n
-    return n / (time.perf_counter() - t), n
 
 
 def main(argv=None) -> int:

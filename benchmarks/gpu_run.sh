@@ -7,19 +7,24 @@
 #       OUT=/tmp/gpu-dry GPU_RUN_SMALL=1 bash benchmarks/gpu_run.sh
 #
 # Steps, each under `timeout` so that one failing or hanging costs only itself, each limit
-# clipped to what is left of GPU_RUN_BUDGET_S (default 480 s), each step's elapsed time printed:
+# clipped to what is left of GPU_RUN_BUDGET_S (default 480 s), each step's elapsed time printed.
+# Ordered by what the next GPU session must answer (the first one measured the forward, the
+# injection and the scan before its two fixes: benchmarks/README.md, "GPU"):
 #   setup    source .whl/setup.sh (Ray, astropy, caustics), skipped when GPU_RUN_SMALL=1 or absent
 #   info     nvidia-smi, CPUs, memory, /dev/shm, versions; Ray's view of the GPU
 #   survey   benchmarks/synthetic_survey.py: 30 tiles of 3072 px, 6,700 objects each (201,000)
-#   bench    lensscan bench on that survey, scoring on the GPU, projection of 2e10 objects on 1 GPU
-#   model    benchmarks/bench_model.py: the model-only sweep (--budget-s 160)
+#   scan     lensscan bench, model and scan stages, batch 2048, 4 actors sharing the GPU (the first
+#            session's best layout), projection of 2e10 objects on 1 GPU: does it reach 50,000/s now?
+#   naive    benchmarks/bench_naive.py on the GPU: the research code's loop, for ours / naive
+#   cut      lensscan bench --stages cut: read + cut + normalise per core on this machine's CPU
+#   scan-1   the scan with one actor per GPU, batch 2048
+#   model    benchmarks/bench_model.py: the model-only sweep (--budget-s 100)
 #   inject   benchmarks/bench_inject.py --device cuda, 64 and 100 px, batches 256 and 1024
-#   bench-b1024   lensscan bench --batch-size 1024, model and scan stages, 1 repeat (if time is left)
-#   inject-b4096  bench_inject at batch 4096 (if time is left)
-# Expected on one H100 with 16 cores: setup 15 s, info 10 s, survey 10 s, bench 130 s, model 175 s,
-# inject 30 s, bench-b1024 60 s, inject-b4096 30 s: about 460 s. Give the device call 540 s.
+# Expected on one H100 with 16 cores: setup 15 s, info 10 s, survey 10 s, scan 90 s, naive 30 s,
+# cut 40 s, scan-1 60 s, model 115 s, inject 30 s: about 400 s. Give the device call 540 s.
 # Everything lands in $OUT (at most 8 files come back): gpu_run.log (all output), steps.tsv,
-# bench-gpu.json, model-gpu.json, inject-gpu.json, bench-gpu-b1024.json, inject-gpu-b4096.json.
+# bench-gpu.json, naive-gpu.json, cut-gpu.json, bench-gpu-1actor.json, model-gpu.json,
+# inject-gpu.json.
 
 set -u
 
@@ -90,23 +95,25 @@ run_all() {
         survey=/tmp/lensscan-synth-small
         work=/tmp/lensscan-gpu-run-small
         SURVEY_ARGS=(--tiles 4 --size 512 --objects-per-tile 128 --workers 2)
-        BENCH_ARGS=(--gpus-per-actor 0 --repeats 2 --batch-size 64 --objects 2e10)
-        BENCH2_ARGS=(--gpus-per-actor 0 --repeats 1 --batch-size 128 --stages model,scan)
+        SCAN_ARGS=(--gpus-per-actor 0 --repeats 1 --batch-size 64 --stages model,scan --objects 2e10)
+        NAIVE_ARGS=(--device cpu --stamps 50)
+        CUT_ARGS=(--gpus-per-actor 0 --repeats 1 --stages cut)
+        SCAN1_ARGS=(--gpus-per-actor 0 --repeats 1 --batch-size 128 --stages scan)
         MODEL_ARGS=(--device cpu --stamps 32 --batch-sizes 16,32 --repeats 1 --budget-s 60
                     --compile-modes default --compile-backend eager)
         INJECT_ARGS=(--device cpu --sizes 64 --batch-sizes 16 --repeats 1 --threads 2)
-        INJECT2_ARGS=(--device cpu --sizes 64 --batch-sizes 32 --repeats 1 --threads 2)
-        LIMITS=(60 240 120 60 120 60)
+        LIMITS=(60 240 60 120 120 120 60)
     else
         survey=/tmp/lensscan-synth
         work=/tmp/lensscan-gpu-run
         SURVEY_ARGS=(--tiles 30 --size 3072 --objects-per-tile 6700 --workers 16)
-        BENCH_ARGS=(--gpus-per-actor 1 --repeats 2 --objects 2e10 --gpus 1)
-        BENCH2_ARGS=(--gpus-per-actor 1 --repeats 1 --batch-size 1024 --stages model,scan)
-        MODEL_ARGS=(--budget-s 160)
+        SCAN_ARGS=(--gpus-per-actor 0.25 --repeats 1 --batch-size 2048 --stages model,scan --objects 2e10 --gpus 1)
+        NAIVE_ARGS=(--device cuda --stamps 2000)
+        CUT_ARGS=(--gpus-per-actor 1 --repeats 2 --stages cut)
+        SCAN1_ARGS=(--gpus-per-actor 1 --repeats 1 --batch-size 2048 --stages scan)
+        MODEL_ARGS=(--budget-s 100)
         INJECT_ARGS=(--device cuda --sizes 64,100 --batch-sizes 256,1024 --repeats 3)
-        INJECT2_ARGS=(--device cuda --sizes 64,100 --batch-sizes 4096 --repeats 2)
-        LIMITS=(90 220 200 90 110 60)
+        LIMITS=(90 150 60 80 100 130 60)
     fi
 
     step info 30 5 bash -c '
@@ -149,14 +156,16 @@ EOF'
     fi
     local sample=(--tiles "$survey/tiles" --catalog "$survey/catalog.parquet" --tile-pattern '{tile}_{band}.fits')
 
-    step bench "${LIMITS[1]}" 60 python3 -m scanner.cli bench "${sample[@]}" "${BENCH_ARGS[@]}" \
-        --work-dir "$work/bench" --json "$OUT/bench-gpu.json"
-    step model "${LIMITS[2]}" 40 python3 benchmarks/bench_model.py "${MODEL_ARGS[@]}" --json "$OUT/model-gpu.json"
-    step inject "${LIMITS[3]}" 30 python3 benchmarks/bench_inject.py "${INJECT_ARGS[@]}" --json "$OUT/inject-gpu.json"
-    step bench-b1024 "${LIMITS[4]}" 60 python3 -m scanner.cli bench "${sample[@]}" "${BENCH2_ARGS[@]}" \
-        --work-dir "$work/bench-b1024" --json "$OUT/bench-gpu-b1024.json"
-    step inject-b4096 "${LIMITS[5]}" 30 python3 benchmarks/bench_inject.py "${INJECT2_ARGS[@]}" \
-        --json "$OUT/inject-gpu-b4096.json"
+    step scan "${LIMITS[1]}" 60 python3 -m scanner.cli bench "${sample[@]}" "${SCAN_ARGS[@]}" \
+        --work-dir "$work/scan" --json "$OUT/bench-gpu.json"
+    step naive "${LIMITS[2]}" 20 python3 benchmarks/bench_naive.py "${sample[@]}" "${NAIVE_ARGS[@]}" \
+        --work-dir "$work/naive" --json "$OUT/naive-gpu.json"
+    step cut "${LIMITS[3]}" 30 python3 -m scanner.cli bench "${sample[@]}" "${CUT_ARGS[@]}" \
+        --work-dir "$work/cut" --json "$OUT/cut-gpu.json"
+    step scan-1 "${LIMITS[4]}" 50 python3 -m scanner.cli bench "${sample[@]}" "${SCAN1_ARGS[@]}" \
+        --work-dir "$work/scan-1" --json "$OUT/bench-gpu-1actor.json"
+    step model "${LIMITS[5]}" 40 python3 benchmarks/bench_model.py "${MODEL_ARGS[@]}" --json "$OUT/model-gpu.json"
+    step inject "${LIMITS[6]}" 30 python3 benchmarks/bench_inject.py "${INJECT_ARGS[@]}" --json "$OUT/inject-gpu.json"
 
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,temperature.gpu,clocks.sm,power.draw,memory.used --format=csv
     rm -rf "$work"

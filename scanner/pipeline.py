@@ -23,7 +23,7 @@ import pyarrow.dataset as pads
 from tqdm.auto import tqdm
 
 from scanner import __version__, storage
-from scanner.config import ScanConfig
+from scanner.config import PRECISIONS, ScanConfig
 from scanner.plan import Plan, failures_dir, load_plan, make_plan
 from scanner.registry import Ensemble, load_ensemble
 from scanner.stages import EnsembleScorer, ShardWriter, candidates_dir, cut_tile
@@ -213,6 +213,9 @@ def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult
     before doing any work when the inputs or the output location are not usable.
     """
     t0 = time.perf_counter()
+    if config.precision not in PRECISIONS:
+        # The scoring actors would fail to start, three times each, with a worse message.
+        raise ScanRefused(f"precision {config.precision!r} is not one of {', '.join(PRECISIONS)}")
     ensemble = ensemble or load_ensemble(list(config.model_dirs))
     bands = resolve_bands(config, ensemble)
     spec = ensemble.input_spec

@@ -395,8 +395,8 @@ def resolve_version_dirs(paths: Sequence[str | Path]) -> list[Path]:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bfloat16 instructions oneDNN uses (AVX512-BF16, AMX): only then is a
-    bfloat16 forward faster than float32 on the CPU (2.1x for the built-in ensemble on a Zen 4
-    core; several times slower where it is emulated)."""
+    bfloat16 forward faster than float32 on the CPU (2.1-2.5x for the built-in ensemble on a
+    Zen 4 core; several times slower where it is emulated)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without oneDNN

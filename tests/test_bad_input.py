@@ -236,6 +236,13 @@ def test_band_reordering_is_refused(tmp_path, bad_survey, small_models):
     assert "reorders" in msg and "--bands g,r,i" in msg
 
 
+def test_unknown_precision_is_refused_before_start(tmp_path, bad_survey, small_models):
+    root, _ = bad_survey
+    msg = _refusal(tmp_path, tiles=str(root / "tiles"), catalog=str(root / "catalog.parquet"),
+                   model_dirs=(small_models,), precision="half")
+    assert msg == "precision 'half' is not one of auto, float32, bfloat16"
+
+
 @pytest.mark.parametrize("what", ["tiles", "catalog", "models"])
 def test_missing_urls_are_refused_naming_them(tmp_path, bad_survey, small_models, what):
     root, _ = bad_survey

@@ -77,17 +77,17 @@ def cut_stamps(tile_pixels: np.ndarray, x: np.ndarray, y: np.ndarray, size: int)
     # Any NaN or inf pixel makes a stamp's sum non-finite: one fast reduction finds the few
     # stamps whose pixels need counting (a huge finite sum only costs an exact count).
     missing = np.zeros(n, dtype=np.float32)
-    for i in np.flatnonzero(~np.isfinite(out.sum(axis=(1, 2, 3)))):
-        finite = np.isfinite(out[i])
-        missing[i] = 1.0 - finite.mean(dtype=np.float32)
-        if not flags[i] & FLAG_EDGE:
-            masked = not finite.all()
-        else:
-            # An edge stamp may also hide masked pixels inside the tile: check just its in-tile part.
-            ys, xs = max(y0[i], 0) - y0[i], max(x0[i], 0) - x0[i]
-            ye, xe = min(y0[i] + size, h) - y0[i], min(x0[i] + size, w) - x0[i]
-            masked = ye > ys and xe > xs and not finite[:, ys:ye, xs:xe].all()
-        if masked:
+    suspect = np.flatnonzero(~np.isfinite(out.sum(axis=(1, 2, 3))))
+    finite = np.isfinite(out[suspect])
+    missing[suspect] = 1.0 - finite.mean(axis=(1, 2, 3), dtype=np.float32)
+    on_edge = (flags[suspect] & FLAG_EDGE).astype(bool)
+    flags[suspect[~on_edge & ~finite.all(axis=(1, 2, 3))]] |= FLAG_MASKED
+    # An edge stamp may also hide masked pixels inside the tile: check just its in-tile part.
+    for j in np.flatnonzero(on_edge):
+        i = suspect[j]
+        ys, xs = max(y0[i], 0) - y0[i], max(x0[i], 0) - x0[i]
+        ye, xe = min(y0[i] + size, h) - y0[i], min(x0[i] + size, w) - x0[i]
+        if ye > ys and xe > xs and not finite[j, :, ys:ye, xs:xe].all():
             flags[i] |= FLAG_MASKED
     return Stamps(out, flags, missing)
 

@@ -56,11 +56,8 @@ def sky_level_and_noise(stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     med = np.empty((n, c), dtype=np.float32)
     mad = np.empty((n, c), dtype=np.float32)
     clean = ~has_nan
-    if clean.all():
-        med[:] = _median(frame)
-        mad[:] = _median(np.abs(frame - med[..., None]))
-    elif clean.any():
-        f = frame[clean]
+    if clean.any():
+        f = frame if clean.all() else frame[clean]  # no copy in the usual case
         m = _median(f)
         med[clean] = m
         mad[clean] = _median(np.abs(f - m[..., None]))

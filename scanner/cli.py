@@ -19,6 +19,9 @@ from scanner.config import PRECISIONS
 
 logger = logging.getLogger("lensscan")
 
+#: Where ``lensscan scan`` without arguments writes (relative to the working directory).
+DEMO_OUT = "lensscan-demo-scan"
+
 #: The built-in demo survey: ~5,400 objects, 20 of them lenses (0.4%: rare, as in a real survey,
 #: yet enough for a recall figure), so "recall in the top 1% of ranks" has room to mean something.
 DEMO = {"n_tiles": 9, "size_pix": 1024, "n_lenses": 20, "seed": 2026}
@@ -60,8 +63,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
         survey = demo_survey()
         tiles, catalog, pattern = survey.tiles_url, survey.catalog_url, survey.tile_pattern
         truth = truth or survey.truth_url
-        out = out or "lensscan-demo-scan"
-        overwrite = overwrite or not resume
+        if out is None:
+            # The demo's own output is replaced on every run; an --out the user names is not.
+            out = DEMO_OUT
+            overwrite = overwrite or not resume
     if out is None:
         print("lensscan scan: give --out (where to write the catalogs)", file=sys.stderr)
         return 2
@@ -84,6 +89,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
               f"the cause and re-run the same command with --resume", file=sys.stderr)
         return 1
     print(result.summary())
+    if pattern is None:
+        print(f"tiles:      {result.tile_layout} (found without --tile-pattern)")
     if truth:
         from scanner.report import ReportError, truth_line, truth_summary
 
@@ -122,9 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "the built-in demo survey)")
     p.add_argument("--tiles", help="URL of the directory holding the FITS tiles (path, s3://, gs://)")
     p.add_argument("--catalog", help="object catalog, Parquet or CSV with objid, ra, dec [, tile]")
-    p.add_argument("--tile-pattern", default="{tile}_{band}.fits",
+    p.add_argument("--tile-pattern",
                    help="tile file names: '{tile}_{band}.fits' (a file per band) or '{tile}.fits' "
-                   "(multi-extension, EXTNAME=band); .fits.fz for Rice-compressed (default: %(default)s)")
+                   "(multi-extension, EXTNAME=band); .fits.fz for Rice-compressed, .fits.gz for "
+                   "gzipped (default: discover both layouts, each plain, .fits.fz or .fits.gz)")
     p.add_argument("--bands", help="survey bands in the models' channel order, e.g. g,r,i "
                    "(default: the models' bands)")
     p.add_argument("--models", nargs="+", help="model registry dirs (a registry, a model or a version "
@@ -148,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "native bf16 (AVX512-BF16, AMX) scores about 2x faster, within about 0.01 "
                    "(default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted scan in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
+    p.add_argument("--overwrite", action="store_true", help="replace the lensscan scan that --out "
+                   "holds (never anything else: other files are refused)")
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("mock-survey", help="write a mock multi-band survey with injected lenses")

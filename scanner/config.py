@@ -66,7 +66,7 @@ class ScanConfig:
     out: str
     model_dirs: tuple[str, ...]
     bands: tuple[str, ...] | None = None
-    tile_pattern: str = "{tile}_{band}.fits"
+    tile_pattern: str | None = None  # None: discover per-band and multi-extension tiles
     batch_size: int = 256
     num_actors: int | None = None
     num_gpus_per_actor: float = 0.0

@@ -2,7 +2,9 @@
 
 A k-d tree on the batch's unit vectors finds the objects near each tile centre; each tile's WCS
 then decides which of them fall on its pixels. An object on several overlapping tiles goes to the
-one where it lies farthest from an edge, so every object is cut exactly once, from its best tile.
+one where it lies farthest from an edge, so every object is cut exactly once, from its best tile;
+a tile known to be broken (a band missing, a file truncated) keeps its footprint, so that objects
+only it covers are reported with its reason, but any healthy tile covering an object wins.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class FootprintIndex:
 
     def __init__(self, tiles: list[Tile]):
         self.tiles = [t for t in tiles if t.shape is not None]
+        self._healthy = np.array([t.error is None for t in self.tiles], dtype=np.int8)
         self.index_of = {t.name: i for i, t in enumerate(self.tiles)}
         self._wcs = [t.wcs(next(iter(t.headers))) for t in self.tiles]
         fp = [tile_footprint(t) for t in self.tiles]
@@ -47,10 +50,12 @@ class FootprintIndex:
         return np.where(np.isfinite(m), m, -np.inf)
 
     def match(self, ra: np.ndarray, dec: np.ndarray) -> Match:
-        """Assign each (ra, dec) to the tile where it lies farthest inside, or -1."""
+        """Assign each (ra, dec) to the healthy tile where it lies farthest inside; to a broken
+        tile only when no healthy one covers it; else -1."""
         n = len(ra)
         best = np.full(n, -1, dtype=np.int64)
         best_margin = np.full(n, -np.inf)
+        best_healthy = np.full(n, -1, dtype=np.int8)
         bx = np.full(n, np.nan)
         by = np.full(n, np.nan)
         if n == 0 or not self.tiles:
@@ -65,9 +70,11 @@ class FootprintIndex:
                 continue
             x, y = self.pixel_positions(i, ra[near], dec[near])
             margin = self._margin(i, x, y)
-            better = (margin >= 0) & (margin > best_margin[near])
+            healthy = self._healthy[i]
+            better = (margin >= 0) & ((healthy > best_healthy[near])
+                                      | ((healthy == best_healthy[near]) & (margin > best_margin[near])))
             sel = near[better]
-            best[sel], best_margin[sel] = i, margin[better]
+            best[sel], best_margin[sel], best_healthy[sel] = i, margin[better], healthy
             bx[sel], by[sel] = x[better], y[better]
         return Match(best, bx, by)
 

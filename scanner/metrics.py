@@ -59,13 +59,15 @@ def _ranked_labels(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, 
     return scores[order], labels[order]
 
 
-def precision_recall(scores: np.ndarray, labels: np.ndarray) -> PRCurve:
+def precision_recall(scores: np.ndarray, labels: np.ndarray, n_missed: int = 0) -> PRCurve:
     """Return the precision-recall curve of ranking ``labels`` by ``scores``.
 
     Parameters
     ----------
     scores : (N,) finite scores, higher = more lens-like.
     labels : (N,) booleans or 0/1, True = lens.
+    n_missed : lenses that were never ranked (their objects could not be scored): they count in
+        recall's denominator, as lenses no threshold finds.
 
     Returns
     -------
@@ -82,22 +84,25 @@ def precision_recall(scores: np.ndarray, labels: np.ndarray) -> PRCurve:
     s, y = _checked(scores, labels)
     if s.size == 0:
         empty = np.zeros(0)
-        return PRCurve(empty, empty, empty, 0)
+        return PRCurve(empty, empty, empty, n_missed)
     s, y = _ranked_labels(s, y)
     true_pos = np.cumsum(y)
     last_of_each_score = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
     selected = last_of_each_score + 1
-    n_positive = int(true_pos[-1])
+    n_positive = int(true_pos[-1]) + n_missed
     tp = true_pos[last_of_each_score].astype(np.float64)
     recall = tp / n_positive if n_positive else np.full(tp.size, np.nan)
     return PRCurve(tp / selected, recall, s[last_of_each_score], n_positive)
 
 
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Return the average precision: precision summed over the recall steps (NaN if no lenses)."""
-    curve = precision_recall(scores, labels)
-    if curve.n_positive == 0:
-        return math.nan
+def average_precision(scores: np.ndarray, labels: np.ndarray, n_missed: int = 0) -> float:
+    """Return the average precision: precision summed over the recall steps (NaN if no lenses).
+
+    ``n_missed`` lenses never ranked count as lenses never found (see :func:`precision_recall`).
+    """
+    curve = precision_recall(scores, labels, n_missed)
+    if curve.n_positive == 0 or curve.recall.size == 0:
+        return math.nan if curve.n_positive == 0 else 0.0
     recall_steps = np.diff(np.r_[0.0, curve.recall])
     return float(np.sum(recall_steps * curve.precision))
 
@@ -123,16 +128,20 @@ def top_count(n_objects: int, fraction: float) -> int:
     return max(1, math.ceil(fraction * n_objects - 1e-9))
 
 
-def recall_in_top_fraction(scores: np.ndarray, labels: np.ndarray, fraction: float = 0.01) -> float:
+def recall_in_top_fraction(scores: np.ndarray, labels: np.ndarray, fraction: float = 0.01,
+                           n_missed: int = 0) -> float:
     """Return the fraction of all lenses that rank in the top ``fraction`` of objects.
 
     E.g. ``fraction=0.01``: how many of the lenses a person finds by looking at the best 1% of
-    the ranked list. NaN when there are no lenses.
+    the ranked list. ``n_missed`` lenses that were never ranked (their objects failed) count as
+    not found. NaN when there are no lenses.
     """
     s, y = _checked(scores, labels)
-    n_positive = int(y.sum())
+    n_positive = int(y.sum()) + n_missed
     if n_positive == 0:
         return math.nan
+    if s.size == 0:
+        return 0.0
     _, y = _ranked_labels(s, y)
     return float(y[:top_count(s.size, fraction)].sum() / n_positive)
 

@@ -19,14 +19,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 from tqdm.auto import tqdm
 
-from scanner import __version__, storage
+from scanner import __version__, layout, storage
+from scanner.catalog import iter_catalog
 from scanner.config import PRECISIONS, ScanConfig
-from scanner.plan import Plan, failures_dir, load_plan, make_plan
+from scanner.console import quiet_ray_notices, without_ray_noise
+from scanner.layout import read_candidates, read_failures  # noqa: F401 - the readers users import from here
+from scanner.plan import Plan, load_plan, make_plan, read_tiles
 from scanner.registry import Ensemble, load_ensemble
-from scanner.stages import EnsembleScorer, ShardWriter, candidates_dir, cut_tile
+from scanner.stages import EnsembleScorer, ShardWriter, cut_tile
+from scanner.tiles import describe_layout
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ class ScanResult:
     # Rate from the first batch scored to the last: without the fixed start-up (planning,
     # workers, model loads) that a long scan amortises.
     steady_stamps_per_s: float = math.nan
+    tile_layout: str = ""  # how the tiles were found, e.g. '9 tiles: 9 as {tile}_{band}.fits'
 
     @property
     def exit_code(self) -> int:
@@ -76,59 +80,90 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def manifest_dir(out: str) -> str:
-    return storage.join(out, "_manifest")
+def precision_used(config: ScanConfig) -> str:
+    """The precision the scoring actors run: ``auto`` resolved for the device they get
+    (``scanner.registry.autocast_dtype``), so a resume on another device is a different scan."""
+    if config.precision != "auto":
+        return config.precision
+    return "bfloat16" if config.num_gpus_per_actor > 0 else "float32"
 
 
 def _identity(config: ScanConfig, ensemble: Ensemble, bands: tuple[str, ...]) -> dict[str, Any]:
-    """What makes two runs the same scan: inputs, bands and the exact model weights."""
+    """What makes two runs the same scan: inputs, bands, the exact model weights and everything
+    that changes a score or a failure (precision, the missing-pixel limit)."""
     return {"tiles": config.tiles, "tile_pattern": config.tile_pattern, "catalog": config.catalog,
             "bands": list(bands), "models": [m["content_hash"] for m in ensemble.describe()],
-            "input_spec": ensemble.input_spec.to_dict()}
+            "input_spec": ensemble.input_spec.to_dict(), "precision": precision_used(config),
+            "max_missing_fraction": config.max_missing_fraction}
 
 
 def resolve_bands(config: ScanConfig, ensemble: Ensemble) -> tuple[str, ...]:
-    """The survey bands mapped, in order, to the model's channels; refuse a reordering."""
+    """The survey bands mapped, in order, to the model's channels; refuse a reordering.
+
+    A band the models know must feed the channel it fed in training: ``--bands r,g,z`` against
+    models of g,r,i would score swapped channels, silently. Survey bands the models do not know
+    (z for i) map by position, with a warning.
+    """
     model_bands = ensemble.input_spec.bands
     bands = tuple(config.bands) if config.bands else model_bands
     if len(bands) != len(model_bands):
         raise ScanRefused(f"--bands {','.join(bands)} gives {len(bands)} bands but the models take "
                           f"{len(model_bands)} ({','.join(model_bands)}); give one survey band per "
                           f"model channel, in the model's order")
-    if set(bands) == set(model_bands) and bands != model_bands:
+    moved = [b for k, b in enumerate(bands) if b in model_bands and model_bands.index(b) != k]
+    if moved:
+        others = iter(b for b in bands if b not in model_bands)
+        fixed = [m if m in bands else next(others) for m in model_bands]
         raise ScanRefused(f"--bands {','.join(bands)} reorders the models' bands "
-                          f"{','.join(model_bands)}; channels must come in the order the models were "
-                          f"trained on: --bands {','.join(model_bands)}")
+                          f"{','.join(model_bands)} (band(s) {','.join(moved)} would feed another "
+                          f"channel than in training); channels must come in the order the models "
+                          f"were trained on: --bands {','.join(fixed)}")
     if bands != model_bands:
         logger.warning("mapping survey bands %s to model channels %s by position", bands, model_bands)
     return bands
 
 
-def _prepare_output(config: ScanConfig, identity: dict[str, Any]) -> None:
-    """Refuse an output that holds another scan; clear it on --overwrite."""
-    fs, path = storage.filesystem(config.out)
-    id_url = storage.join(config.out, "_scan_identity.json")
-    if fs.exists(path) and fs.ls(path):
-        if config.overwrite:
-            fs.rm(path, recursive=True)
-        elif not storage.exists(id_url):
-            raise ScanRefused(f"{config.out} already holds files that are not a lensscan scan; "
-                              f"choose an empty --out or pass --overwrite")
-        else:
-            earlier = json.loads(storage.read_bytes(id_url))
-            if earlier != identity:
-                diff = sorted(k for k in identity if earlier.get(k) != identity[k])
-                raise ScanRefused(f"{config.out} holds a different scan (differs in {', '.join(diff)}); "
-                                  f"pass --overwrite to replace it or choose another --out")
-            if not config.resume:
-                raise ScanRefused(f"{config.out} already holds this scan; pass --resume to finish it "
-                                  f"or --overwrite to start again")
-    storage.write_bytes_atomic(id_url, json.dumps(identity, indent=1).encode())
+def _refuse_inputs_in_output(config: ScanConfig) -> None:
+    """Refuse an ``--out`` that is or holds one of the scan's own inputs: a scan writes into and
+    clears its output, and must never touch the survey it reads."""
+    inputs = [("--tiles", config.tiles), ("--catalog", config.catalog), ("--truth", config.truth),
+              *(("--models", m) for m in config.model_dirs)]
+    for flag, url in inputs:
+        if url and storage.contains(config.out, url):
+            raise ScanRefused(f"--out {config.out} is or contains the scan's input {flag} {url}; "
+                              f"choose an --out outside every input (a new folder or prefix)")
+
+
+def _output_action(config: ScanConfig, identity: dict[str, Any]) -> str:
+    """What this run may do with ``--out``: 'new', 'resume' or 'overwrite'; refuse the rest.
+
+    Touches nothing: the inputs are checked before anything is written or removed. Only an output
+    holding a lensscan scan may be replaced, and only with ``--overwrite``.
+    """
+    held = layout.entries(config.out)
+    if not held:
+        return "new"
+    if not layout.holds_scan(config.out):
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise ScanRefused(f"--out {config.out} already holds files that are not a lensscan scan "
+                          f"({shown}); lensscan never deletes them, with or without --overwrite: "
+                          f"choose a new or empty --out")
+    if config.overwrite:
+        return "overwrite"
+    earlier = json.loads(storage.read_bytes(layout.identity_file(config.out)))
+    if earlier != identity:
+        diff = sorted(k for k in identity if earlier.get(k) != identity[k])
+        raise ScanRefused(f"{config.out} holds a different scan (differs in {', '.join(diff)}); "
+                          f"pass --overwrite to replace it or choose another --out")
+    if not config.resume:
+        raise ScanRefused(f"{config.out} already holds this scan; pass --resume to finish it "
+                          f"or --overwrite to start again")
+    return "resume"
 
 
 def finished_tiles(out: str) -> dict[str, dict[str, Any]]:
     """Manifest entries of the tiles whose objects are all written."""
-    fs, path = storage.filesystem(manifest_dir(out))
+    fs, path = storage.filesystem(layout.manifest_dir(out))
     if not fs.exists(path):
         return {}
     done = {}
@@ -140,17 +175,17 @@ def finished_tiles(out: str) -> dict[str, dict[str, Any]]:
 
 def _remove_partial_shards(out: str, tiles: list[str]) -> None:
     """Delete shards an interrupted run left for tiles it did not finish."""
-    for root in (candidates_dir(out), failures_dir(out)):
-        fs, path = storage.filesystem(root)
-        for tile in tiles:
-            p = f"{path}/{tile}"
-            if fs.exists(p):
-                fs.rm(p, recursive=True)
+    for tile in tiles:
+        for url in layout.tile_shard_dirs(out, tile):
+            fs, path = storage.filesystem(url)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
 
 
 def _ray_init(address: str | None) -> None:
     import ray
 
+    quiet_ray_notices()
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     # Our progress bar and summary say what the user needs; Ray Data's per-dataset INFO lines and
@@ -220,17 +255,31 @@ def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult
     bands = resolve_bands(config, ensemble)
     spec = ensemble.input_spec
     identity = _identity(config, ensemble, bands)
+    _refuse_inputs_in_output(config)
     try:
-        _prepare_output(config, identity)
+        action = _output_action(config, identity)
+        plan = load_plan(config.out) if action == "resume" else None
     except OSError as exc:
-        raise ScanRefused(f"cannot write to --out {config.out}: {exc}; choose a writable location") from exc
-
-    plan = load_plan(config.out) if config.resume else None
+        raise ScanRefused(f"cannot use --out {config.out}: {exc}; choose a readable, writable "
+                          f"location") from exc
+    tiles = None
     if plan is None:
+        # Every check of the inputs comes before the output is touched: a refused scan leaves an
+        # earlier scan in --out as it was, even with --overwrite.
         if config.catalog is None:
             raise ScanRefused("no --catalog given; give the survey's object catalog (objid, ra, dec)")
+        next(iter_catalog(config.catalog, batch_rows=1))  # refuses a missing, empty or column-less catalog
+        tiles = read_tiles(config.tiles, config.tile_pattern, bands, spec.pixel_scale_arcsec)
+    try:
+        if action == "overwrite":
+            layout.remove_scan(config.out)
+        storage.write_bytes_atomic(layout.identity_file(config.out),
+                                   json.dumps(identity, indent=1).encode())
+    except OSError as exc:
+        raise ScanRefused(f"cannot write to --out {config.out}: {exc}; choose a writable location") from exc
+    if plan is None:
         plan = make_plan(config.tiles, config.tile_pattern, bands, config.catalog, config.out,
-                         pixel_scale_arcsec=spec.pixel_scale_arcsec)
+                         pixel_scale_arcsec=spec.pixel_scale_arcsec, tiles=tiles)
     models = ensemble.describe()
     metadata = {"lensscan_version": __version__, "models": models, "bands": list(bands),
                 "input_spec": spec.to_dict()}
@@ -246,7 +295,9 @@ def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult
         logger.info("%d tiles to scan (%d objects), %d already finished", len(todo), n_todo, len(done))
         _ray_init(config.address)
         try:
-            _consume(_stream(config, plan, todo, ensemble, bands, metadata), plan, config.out, n_todo, stats)
+            with without_ray_noise():
+                _consume(_stream(config, plan, todo, ensemble, bands, metadata), plan, config.out,
+                         n_todo, stats)
             n_cut += n_todo
         except Exception as exc:
             cause = root_cause(exc)
@@ -363,8 +414,7 @@ def _consume(ds, plan: Plan, out: str, n_todo: int, stats: StreamStats) -> None:
         if n_scored + n_failed == plan.objects_per_tile[tile]:
             entry = {"tile": tile, "n_objects": plan.objects_per_tile[tile], "n_scored": n_scored,
                      "n_failed": n_failed, "shards": sorted(shards)}
-            storage.write_bytes_atomic(storage.join(manifest_dir(out), f"{tile}.json"),
-                                       json.dumps(entry).encode())
+            storage.write_bytes_atomic(layout.manifest_entry(out, tile), json.dumps(entry).encode())
     bar.close()
 
 
@@ -380,17 +430,19 @@ def _finish(config: ScanConfig, plan: Plan, models: list[dict], input_spec: dict
                            f"re-run with --resume")
     nodes = {k: sorted(v) for k, v in stats.nodes.items()}
     result = ScanResult(config.out, plan.n_catalog, n_scored, n_failed, seconds,
-                        n_cut / seconds if seconds > 0 else math.nan, models, nodes, stats.steady_rate)
+                        n_cut / seconds if seconds > 0 else math.nan, models, nodes, stats.steady_rate,
+                        describe_layout(plan.tiles))
     if config.write_csv:
         write_csv(config.out)
     report = {"lensscan_version": __version__, "config": config.to_dict(), "models": models,
               "bands": list(plan.bands), "input_spec": input_spec,
               "n_catalog": plan.n_catalog, "n_scored": n_scored, "n_failed": n_failed,
-              "n_tiles": len(plan.tiles), "n_tiles_unreadable": sum(t.shape is None for t in plan.tiles),
+              "n_tiles": len(plan.tiles), "n_tiles_unreadable": sum(t.error is not None for t in plan.tiles),
+              "tile_layout": result.tile_layout,
               "seconds_last_run": seconds, "stamps_per_s_last_run": result.stamps_per_s,
               "steady_stamps_per_s_last_run": result.steady_stamps_per_s,
               "nodes_last_run": nodes}
-    storage.write_bytes_atomic(storage.join(config.out, "scan.json"), json.dumps(report, indent=1).encode())
+    storage.write_bytes_atomic(layout.scan_file(config.out), json.dumps(report, indent=1).encode())
     if config.report_top_n > 0:
         from scanner.report import write_report
 
@@ -401,36 +453,12 @@ def _finish(config: ScanConfig, plan: Plan, models: list[dict], input_spec: dict
     return result
 
 
-def _dataset(url: str) -> pads.Dataset | None:
-    fs, path = storage.filesystem(url)
-    if not fs.exists(path):
-        return None
-    # Failures of the plan live under "_plan"/"_tiles", which pyarrow would skip by default.
-    return pads.dataset(path, filesystem=fs, format="parquet", ignore_prefixes=["."])
-
-
-def read_candidates(out: str, columns: list[str] | None = None) -> pa.Table:
-    """The scan's candidates, sorted by ensemble score, highest first."""
-    ds = _dataset(candidates_dir(out))
-    if ds is None:
-        return pa.table({})
-    return ds.to_table(columns=columns).sort_by([("score", "descending")])
-
-
-def read_failures(out: str) -> pa.Table:
-    """The scan's failures table: every object or tile that could not be scored, with the reason."""
-    from scanner.plan import FAILURE_SCHEMA
-
-    ds = _dataset(failures_dir(out))
-    return ds.to_table() if ds is not None else FAILURE_SCHEMA.empty_table()
-
-
 def write_csv(out: str) -> str:
     """Write ``candidates.csv`` ranked by score (for catalogs that fit in memory)."""
     import pyarrow.csv as pacsv
 
     table = read_candidates(out)
-    url = storage.join(out, "candidates.csv")
+    url = layout.csv_file(out)
     sink = pa.BufferOutputStream()
     pacsv.write_csv(table, sink)
     storage.write_bytes_atomic(url, sink.getvalue().to_pybytes())

@@ -3,8 +3,8 @@
 The catalog is streamed in batches; each batch's objects are written to small per-tile Parquet
 files under ``<out>/_plan/objects/<tile>/``, so no machine ever holds the whole catalog and the
 cut stage reads just its tile's objects. Objects that fall on no tile, or carry unusable
-coordinates, go straight to the failures table. ``_plan/plan.json`` is written last and marks the
-plan complete, so ``--resume`` reuses it.
+coordinates, go straight to the failures table, as do tiles that cannot be scanned.
+``_plan/plan.json`` is written last and marks the plan complete, so ``--resume`` reuses it.
 """
 
 from __future__ import annotations
@@ -21,22 +21,14 @@ import pyarrow.parquet as pq
 from astropy.wcs.utils import proj_plane_pixel_scales
 from tqdm.auto import tqdm
 
-from scanner import storage
+from scanner import layout, storage
 from scanner.catalog import invalid_coordinates, iter_catalog, table_to_bytes
 from scanner.footprints import FootprintIndex
+# training.dataset writes its own failure rows with these, next to the plan's.
+from scanner.layout import failure_table, failures_dir, objects_dir  # noqa: F401
 from scanner.tiles import Tile, discover_tiles, read_headers
 
 logger = logging.getLogger(__name__)
-
-FAILURE_SCHEMA = pa.schema([
-    ("objid", pa.int64()),
-    ("ra", pa.float64()),
-    ("dec", pa.float64()),
-    ("tile", pa.string()),
-    ("row", pa.int64()),
-    ("stage", pa.string()),
-    ("reason", pa.string()),
-])
 
 PLAN_OBJECT_SCHEMA = pa.schema([
     ("objid", pa.int64()), ("ra", pa.float64()), ("dec", pa.float64()),
@@ -102,32 +94,6 @@ class Plan:
         return next(t for t in self.tiles if t.name == name)
 
 
-def plan_dir(out: str) -> str:
-    return storage.join(out, "_plan")
-
-
-def objects_dir(out: str, tile: str) -> str:
-    return storage.join(out, "_plan", "objects", tile)
-
-
-def failures_dir(out: str) -> str:
-    return storage.join(out, "failures")
-
-
-def failure_table(objid, ra, dec, tile, row, stage: str, reasons) -> pa.Table:
-    """A failures-table chunk; scalars broadcast over the rows."""
-    n = len(objid)
-
-    def col(v, typ):
-        if isinstance(v, (list, np.ndarray, pa.Array, pa.ChunkedArray)):
-            return pa.array(v, type=typ) if not isinstance(v, (pa.Array, pa.ChunkedArray)) else v.cast(typ)
-        return pa.array([v] * n, type=typ)
-
-    return pa.table([col(objid, pa.int64()), col(ra, pa.float64()), col(dec, pa.float64()),
-                     col(tile, pa.string()), col(row, pa.int64()), col(stage, pa.string()),
-                     col(reasons, pa.string())], schema=FAILURE_SCHEMA)
-
-
 def read_all_headers(tiles: list[Tile], threads: int = 16) -> list[Tile]:
     """Read every tile's headers concurrently (I/O bound: many small reads on cloud storage)."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -149,30 +115,47 @@ def check_pixel_scale(tiles: list[Tile], pixel_scale_arcsec: float, tolerance: f
                              f"trained at this pixel scale")
 
 
-def make_plan(tiles_url: str, pattern: str, bands: Sequence[str], catalog_url: str, out: str,
-              batch_rows: int = 1_000_000, pixel_scale_arcsec: float | None = None) -> Plan:
-    """Discover tiles, read their headers and stream the catalog into per-tile object lists.
+def read_tiles(tiles_url: str, pattern: str | None, bands: Sequence[str],
+               pixel_scale_arcsec: float | None = None) -> list[Tile]:
+    """Return the survey's tiles with their headers read; refuse a survey that cannot be scanned.
 
-    With ``pixel_scale_arcsec``, tiles at another pixel scale are refused before any work.
+    ``pattern=None`` discovers the layout (:func:`scanner.tiles.discover_tiles`). Tiles at another
+    pixel scale than ``pixel_scale_arcsec`` are refused, as is a survey with no readable tile;
+    other broken tiles are kept with their ``error`` (their objects become failure rows).
     """
     tiles = read_all_headers(discover_tiles(tiles_url, bands, pattern))
     if pixel_scale_arcsec is not None:
         check_pixel_scale(tiles, pixel_scale_arcsec)
-    bad = [t for t in tiles if t.shape is None]
-    for t in bad:
-        logger.warning("%s", t.error)
-    index = FootprintIndex(tiles)
-    if not index.tiles:
+    for t in tiles:
+        if t.error:
+            logger.warning("%s", t.error)
+    if not any(t.shape is not None for t in tiles):
+        first = next((t.error for t in tiles if t.error), "")
         raise FileNotFoundError(f"none of the {len(tiles)} tiles under {tiles_url} could be read: "
-                                f"{bad[0].error if bad else ''}")
+                                f"{first}")
+    return tiles
+
+
+def make_plan(tiles_url: str, pattern: str | None, bands: Sequence[str], catalog_url: str, out: str,
+              batch_rows: int = 1_000_000, pixel_scale_arcsec: float | None = None,
+              tiles: list[Tile] | None = None) -> Plan:
+    """Discover tiles, read their headers and stream the catalog into per-tile object lists.
+
+    ``tiles``: the result of :func:`read_tiles` when the caller has it already (the scan reads
+    the tiles before it touches its output). With ``pixel_scale_arcsec``, tiles at another pixel
+    scale are refused before any work.
+    """
+    if tiles is None:
+        tiles = read_tiles(tiles_url, pattern, bands, pixel_scale_arcsec)
+    index = FootprintIndex(tiles)
+    broken = [t for t in tiles if t.error]
     counts: dict[str, int] = {t.name: 0 for t in tiles}
     n_total = n_failed = 0
     has_tile = False
-    fail_root = failures_dir(out)
-    if bad:
-        storage.write_bytes_atomic(storage.join(fail_root, "_tiles", "part-0.parquet"), table_to_bytes(
-            failure_table([None] * len(bad), None, None, [t.name for t in bad], None, "plan",
-                          [t.error for t in bad])))
+    if broken:
+        storage.write_bytes_atomic(layout.tile_failures_file(out), table_to_bytes(
+            failure_table([None] * len(broken), None, None, [t.name for t in broken], None, "plan",
+                          [t.error for t in broken])))
     seen = IdSet()
     bar = tqdm(desc="plan", unit="obj", leave=False)
     for k, batch in enumerate(iter_catalog(catalog_url, batch_rows)):
@@ -198,7 +181,7 @@ def make_plan(tiles_url: str, pattern: str, bands: Sequence[str], catalog_url: s
         if failed.any():
             f = batch.filter(pa.array(failed))
             storage.write_bytes_atomic(
-                storage.join(fail_root, "_plan", f"part-{k:06d}.parquet"),
+                layout.plan_failures_shard(out, k),
                 table_to_bytes(failure_table(f["objid"], f["ra"], f["dec"],
                                              f["tile"] if has_tile else None, f["row"], "plan",
                                              reasons[failed].tolist())))
@@ -210,22 +193,21 @@ def make_plan(tiles_url: str, pattern: str, bands: Sequence[str], catalog_url: s
                           "dec": pa.array(dec[sel]), "x": pa.array(match.x[sel]),
                           "y": pa.array(match.y[sel]), "row": batch["row"].take(sel)},
                          schema=PLAN_OBJECT_SCHEMA)
-            storage.write_bytes_atomic(storage.join(objects_dir(out, name), f"part-{k:06d}.parquet"),
-                                       table_to_bytes(t))
+            storage.write_bytes_atomic(layout.objects_shard(out, name, k), table_to_bytes(t))
             counts[name] += len(sel)
         n_total += batch.num_rows
         bar.update(batch.num_rows)
     bar.close()
     plan = Plan(tiles, counts, n_total, n_failed, catalog_url, tuple(bands), has_tile)
-    storage.write_bytes_atomic(storage.join(plan_dir(out), "plan.json"), plan.to_json().encode())
-    logger.info("plan: %d objects on %d tiles (%d unreadable), %d failed before cutting",
-                n_total, len(index.tiles), len(bad), n_failed)
+    storage.write_bytes_atomic(layout.plan_file(out), plan.to_json().encode())
+    logger.info("plan: %d objects on %d tiles (%d cannot be scanned), %d failed before cutting",
+                n_total, len(tiles), len(broken), n_failed)
     return plan
 
 
 def load_plan(out: str) -> Plan | None:
     """The finished plan of an earlier run of this scan, or None."""
-    url = storage.join(plan_dir(out), "plan.json")
+    url = layout.plan_file(out)
     return Plan.from_json(storage.read_bytes(url).decode()) if storage.exists(url) else None
 
 

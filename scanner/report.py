@@ -48,19 +48,17 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from scanner import __version__, storage
+from scanner import __version__, layout, storage
 from scanner.cutouts import cut_stamps, describe_flags
 from scanner.metrics import (PRCurve, average_precision, precision_at_top, precision_recall,
                              recall_in_top_fraction, top_count)
 from scanner.normalise import sky_level_and_noise
-from scanner.pipeline import read_candidates, read_failures
+from scanner.layout import candidates_dir, read_candidates, read_failures
 from scanner.plan import Plan, load_plan
-from scanner.stages import candidates_dir
 from scanner.tiles import TileError, read_pixels
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "report.html"
 GRADES = ("A", "B", "C", "not_lens")
 PAGE_SIZE = 50
 TOP_FRACTION = 0.01
@@ -106,6 +104,7 @@ class TruthSummary:
 
     n_truth_lenses: int
     n_lenses_scored: int
+    n_lenses_failed: int  # lenses of the catalog in failures/: counted as missed by every recall
     n_scored: int
     n_scored_without_truth: int
     n_top: int
@@ -124,7 +123,7 @@ class TruthSummary:
 
 def _read_scan(out: str) -> ScanOutput:
     """The scan's summary, catalog metadata, plan and identity; refuse an unfinished scan."""
-    scan_url = storage.join(out, "scan.json")
+    scan_url = layout.scan_file(out)
     if not storage.exists(scan_url):
         raise ReportError(f"{out} holds no scan.json: it is not a finished lensscan scan; finish it "
                           f"with 'lensscan scan ... --out {out} --resume' first")
@@ -133,7 +132,7 @@ def _read_scan(out: str) -> ScanOutput:
     if plan is None:
         raise ReportError(f"{out}/_plan/plan.json is missing: the report re-cuts stamps from the "
                           f"tiles the plan lists; re-run the scan with --overwrite")
-    identity_url = storage.join(out, "_scan_identity.json")
+    identity_url = layout.identity_file(out)
     identity = storage.read_bytes(identity_url) if storage.exists(identity_url) else out.encode()
     return ScanOutput(out, scan, _catalog_metadata(out), plan,
                       hashlib.sha256(identity).hexdigest()[:16])
@@ -314,43 +313,61 @@ def read_truth(url: str) -> pd.DataFrame:
                           f"({exc})") from None
 
 
-def summarise_truth(ranked: pa.Table, truth: pd.DataFrame, top_n: int) -> TruthSummary:
+def summarise_truth(ranked: pa.Table, truth: pd.DataFrame, top_n: int,
+                    failed_objids: np.ndarray | None = None) -> TruthSummary:
     """Ranking metrics of the scan against truth; scored objects absent from truth are non-lenses.
 
-    Treating absent objects as non-lenses lets the truth be just a list of known lenses.
+    Treating absent objects as non-lenses lets the truth be just a list of known lenses. Lenses
+    among ``failed_objids`` (objects the scan could not score) count as missed: a search that
+    fails on a lens has not found it.
     """
     objid = ranked["objid"].to_numpy()
     scores = ranked["score"].to_numpy().astype(np.float64)
     lenses = np.unique(truth.loc[truth["is_lens"], "objid"].to_numpy())
     labels = np.isin(objid, lenses)
+    failed = np.zeros(0, np.int64) if failed_objids is None else np.asarray(failed_objids)
+    n_missed = int(np.isin(lenses, np.setdiff1d(failed, objid)).sum())
     n_top = min(top_n, len(objid))
     return TruthSummary(
         n_truth_lenses=len(lenses),
         n_lenses_scored=int(labels.sum()),
+        n_lenses_failed=n_missed,
         n_scored=len(objid),
         n_scored_without_truth=int((~np.isin(objid, truth["objid"].to_numpy())).sum()),
         n_top=n_top,
         precision_top_n=precision_at_top(scores, labels, n_top) if n_top else math.nan,
         n_top_fraction=top_count(len(objid), TOP_FRACTION) if len(objid) else 0,
-        recall_top_fraction=recall_in_top_fraction(scores, labels, TOP_FRACTION),
-        average_precision=average_precision(scores, labels),
-        curve=precision_recall(scores, labels),
+        recall_top_fraction=recall_in_top_fraction(scores, labels, TOP_FRACTION, n_missed),
+        average_precision=average_precision(scores, labels, n_missed),
+        curve=precision_recall(scores, labels, n_missed),
         lens_scores=scores[labels],
         is_lens_top=labels[:n_top],
     )
 
 
+def _failed_objids(out: str) -> np.ndarray:
+    """Objids of the scan's failure rows (tile rows have none)."""
+    objid = read_failures(out)["objid"]
+    return objid.drop_null().to_numpy() if objid.null_count else objid.to_numpy()
+
+
 def truth_summary(out: str, truth: str, top_n: int = 50) -> TruthSummary:
     """The finished scan in ``out`` ranked against the truth table at ``truth``."""
-    return summarise_truth(_ranked_scores(out), read_truth(truth), top_n)
+    return summarise_truth(_ranked_scores(out), read_truth(truth), top_n, _failed_objids(out))
 
 
 def truth_line(summary: TruthSummary) -> str:
-    """One line for a terminal: recall in the top 1% of ranks and precision in the top N."""
-    n_found = int(round(summary.recall_top_fraction * summary.n_lenses_scored))
-    return (f"against truth: {n_found} of {summary.n_lenses_scored} lenses "
+    """One line for a terminal: recall in the top 1% of ranks and precision in the top N.
+
+    The lenses counted are those scored and those that failed (counted as missed).
+    """
+    n_lenses = summary.n_lenses_scored + summary.n_lenses_failed
+    n_found = int(round(summary.recall_top_fraction * n_lenses)) if n_lenses else 0
+    failed = (f", {summary.n_lenses_failed} of them failed (see failures/) and count as missed"
+              if summary.n_lenses_failed else "")
+    return (f"against truth: {n_found} of {n_lenses} lenses "
             f"({summary.recall_top_fraction:.0%}) in the top {TOP_FRACTION:.0%} of ranks "
-            f"({summary.n_top_fraction} of {summary.n_scored}); precision in the top "
+            f"({summary.n_top_fraction} of {summary.n_scored}){failed}; precision in the top "
             f"{summary.n_top} {summary.precision_top_n:.2f}; average precision "
             f"{summary.average_precision:.2f}")
 
@@ -396,7 +413,8 @@ def pr_figure(truth: TruthSummary) -> str:
     ax.step(np.r_[0.0, curve.recall], np.r_[1.0, curve.precision], where="post", color="#4c72b0")
     ax.axhline(truth.n_lenses_scored / max(truth.n_scored, 1), color="grey", ls=":", lw=1,
                label="lens fraction (random ranking)")
-    recall_top_n = truth.is_lens_top.sum() / truth.n_lenses_scored if truth.n_lenses_scored else 0.0
+    n_lenses = truth.n_lenses_scored + truth.n_lenses_failed
+    recall_top_n = truth.is_lens_top.sum() / n_lenses if n_lenses else 0.0
     ax.plot([recall_top_n], [truth.precision_top_n], "o", color="#dd8452",
             label=f"top {truth.n_top} (the gallery)")
     ax.set_xlabel("recall")
@@ -441,7 +459,8 @@ def _scores_html(hist_uri: str, truth: TruthSummary | None, truth_url: str | Non
         (f"recall in the top 1% ({truth.n_top_fraction} objects)", _fmt(truth.recall_top_fraction)),
         ("average precision", _fmt(truth.average_precision)),
         ("true lenses scored", f"{truth.n_lenses_scored} of {truth.n_truth_lenses} in the truth "
-                               f"table (the rest failed or lie on no tile)"),
+                               f"table; {truth.n_lenses_failed} failed (in failures/) and count as "
+                               f"missed in every recall; the rest are not in the catalog"),
         ("scored objects", truth.n_scored),
     ]
     parts.append(f'<img class="plot" alt="precision-recall curve" src="{pr_figure(truth)}">')
@@ -532,16 +551,29 @@ def gallery_data(top: pd.DataFrame, columns: Sequence[str], images: dict[int, st
     return records
 
 
+def _json_for_script(data: dict[str, Any]) -> str:
+    """``data`` as JSON that cannot end or alter the ``<script>`` element holding it: ``<``, ``>``
+    and ``&`` are escaped, so no ``</script>`` or ``<!--`` from a tile name or catalog string
+    reaches the HTML parser."""
+    text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    """``template`` with each ``{{name}}`` replaced by ``values[name]``, in one pass: a value that
+    itself holds ``{{...}}`` (a tile name, say) is never filled in again."""
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
+
+
 def render_html(title: str, subtitle: str, data: dict[str, Any], scores_html: str,
                 provenance_html: str) -> str:
     """The report page: static sections plus the gallery script reading ``data``."""
-    blob = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
     truth_toggle = ('<label><input type="checkbox" id="show-truth"> show truth labels</label>'
                     if data["has_truth"] else "")
-    return (_PAGE.replace("{{title}}", _esc(title)).replace("{{subtitle}}", _esc(subtitle))
-            .replace("{{truth_toggle}}", truth_toggle).replace("{{scores}}", scores_html)
-            .replace("{{provenance}}", provenance_html).replace("{{style}}", _STYLE)
-            .replace("{{script}}", _SCRIPT).replace("{{data}}", blob))
+    return _fill(_PAGE, {"title": _esc(title), "subtitle": _esc(subtitle),
+                         "truth_toggle": truth_toggle, "scores": scores_html,
+                         "provenance": provenance_html, "style": _STYLE, "script": _SCRIPT,
+                         "data": _json_for_script(data)})
 
 
 def write_report(out: str, truth: str | None = None, top_n: int = 200) -> str:
@@ -572,7 +604,7 @@ def write_report(out: str, truth: str | None = None, top_n: int = 200) -> str:
     columns = version_columns(list(top.columns))
     stamp_size = int(scan.metadata.get("input_spec", {}).get("stamp_size_pix", 64))
     images, missing = thumbnails(scan.plan, top, stamp_size) if len(top) else ({}, {})
-    summary = summarise_truth(ranked, read_truth(truth), top_n) if truth else None
+    summary = summarise_truth(ranked, read_truth(truth), top_n, _failed_objids(out)) if truth else None
     scores = ranked["score"].to_numpy().astype(np.float64)
     threshold = float(scores[len(top) - 1]) if len(top) else None
     hist = score_histogram(scores, summary.lens_scores if summary else None, threshold, len(top))
@@ -585,7 +617,7 @@ def write_report(out: str, truth: str | None = None, top_n: int = 200) -> str:
                 f"({scan.scan.get('n_failed', 0)} failed), ranked by ensemble score")
     page = render_html(f"lensscan report: {out}", subtitle, data,
                        _scores_html(hist, summary, truth), _provenance_html(scan, columns))
-    url = storage.join(out, REPORT_FILE)
+    url = layout.report_file(out)
     storage.write_bytes_atomic(url, page.encode())
     logger.info("wrote %s (%d candidates, %.1f MB)", url, len(top), len(page) / 1e6)
     return url

@@ -16,12 +16,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from scanner import storage
+from scanner import layout, storage
 from scanner.catalog import table_to_bytes
 from scanner.config import InputSpec
 from scanner.cutouts import make_stamps
+from scanner.layout import failure_table
 from scanner.normalise import to_float16
-from scanner.plan import failure_table, failures_dir, read_tile_objects
+from scanner.plan import read_tile_objects
 from scanner.tiles import Tile, TileError, read_pixels
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,6 @@ def node_id() -> str:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     except Exception:  # noqa: BLE001 - only a statistic
         return ""
-
-
-def candidates_dir(out: str) -> str:
-    return storage.join(out, "candidates.parquet")
 
 
 def _empty_batch(spec: InputSpec) -> Batch:
@@ -200,12 +197,12 @@ class ShardWriter:
                 t = t.select(cols).cast(pa.schema([
                     (c, pa.float32() if c in ("score", "score_std", *self.score_columns) else t.schema.field(c).type)
                     for c in cols]))
-                storage.write_bytes_atomic(storage.join(candidates_dir(self.out), str(tile), name + ".parquet"),
+                storage.write_bytes_atomic(layout.candidates_shard(self.out, str(tile), name),
                                            table_to_bytes(t, self.metadata))
             if bad.any():
                 t = batch.filter(pa.array(bad))
                 storage.write_bytes_atomic(
-                    storage.join(failures_dir(self.out), str(tile), name + ".parquet"),
+                    layout.cut_failures_shard(self.out, str(tile), name),
                     table_to_bytes(failure_table(t["objid"], t["ra"], t["dec"], t["tile"], t["row"],
                                                  "cut", t["failure"])))
             summary["tile"].append(str(tile))

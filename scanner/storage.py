@@ -57,20 +57,21 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, base_delay_s
     raise AssertionError("unreachable")
 
 
-# Storage settings Ray workers must share with the driver (endpoint, region, profile, paths of
-# credential files), forwarded through the tasks' runtime_env. Secrets themselves are never
-# forwarded: they would show in Ray's task metadata and dashboard, and override instance roles;
-# each node takes its credentials from its own environment (roles, Kubernetes secrets, ~/.aws).
-WORKER_ENV_PREFIXES = ("AWS_ENDPOINT_URL", "FSSPEC_", "GCSFS_", "LENSSCAN_")
-WORKER_ENV_NAMES = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
-                    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE", "GOOGLE_APPLICATION_CREDENTIALS",
-                    "GOOGLE_CLOUD_PROJECT")
+# Storage settings Ray workers must share with the driver, forwarded through the tasks'
+# runtime_env: exactly these names (README and deploy/README list them). They name endpoints,
+# regions, profiles and paths of credential files, never a secret: the runtime env shows in Ray's
+# dashboard and task metadata, and a forwarded key would override the nodes' own roles. Not
+# forwarded, on purpose: AWS_ACCESS_KEY_ID/SECRET/SESSION_TOKEN, FSSPEC_* (fsspec reads keys from
+# e.g. FSSPEC_S3_SECRET) and LENSSCAN_* (test-only fault switches among them): each node takes
+# those from its own environment (roles, Kubernetes secrets, ~/.aws, ~/.config/fsspec).
+WORKER_ENV_NAMES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+                    "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE",
+                    "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "STORAGE_EMULATOR_HOST")
 
 
 def worker_env() -> dict[str, str]:
-    """Non-secret storage settings the driver forwards to its Ray workers."""
-    return {k: v for k, v in os.environ.items()
-            if k.startswith(WORKER_ENV_PREFIXES) or k in WORKER_ENV_NAMES}
+    """The storage settings (``WORKER_ENV_NAMES``) the driver forwards to its Ray workers."""
+    return {k: os.environ[k] for k in WORKER_ENV_NAMES if k in os.environ}
 
 
 def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
@@ -102,6 +103,24 @@ def absolute(url: str) -> str:
     if "://" in url:
         return url
     return os.path.abspath(os.path.expanduser(url))
+
+
+def location(url: str) -> tuple[str, str]:
+    """Where ``url`` points, comparable across spellings: (protocol, normalised path).
+
+    Local paths are made absolute with symlinks resolved, so ``./survey`` and a link to it match.
+    """
+    fs, path = fsspec.core.url_to_fs(url)
+    proto = protocol_of(fs)
+    if proto in ("file", "local"):
+        return "file", os.path.realpath(os.path.expanduser(path))
+    return proto, path.rstrip("/")
+
+
+def contains(outer: str, inner: str) -> bool:
+    """Whether ``inner`` is ``outer`` or lies inside it (on the same filesystem)."""
+    (p_out, out), (p_in, path) = location(outer), location(inner)
+    return p_out == p_in and (path == out or path.startswith(out.rstrip("/") + "/"))
 
 
 def join(url: str, *parts: str) -> str:

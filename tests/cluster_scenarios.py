@@ -44,6 +44,10 @@ def main() -> None:
     models, work = sys.argv[2], Path(sys.argv[3])
     import ray
 
+    # The test-only fault switches reach the workers as production settings would: from the
+    # nodes' own environment (the scan forwards only storage settings). Each fires once per file.
+    os.environ["LENSSCAN_TEST_KILL_SCORER"] = str(work / "scorer-died")
+    os.environ["LENSSCAN_TEST_KILL_TRAIN_WORKER"] = str(work / "train-worker-died")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     workers = [cluster.add_node(num_cpus=2) for _ in range(3)]
     cluster.wait_for_nodes()
@@ -58,11 +62,8 @@ def main() -> None:
 def run(cluster: Cluster, workers: list, survey: dict, models: str, work: Path) -> dict:
     result: dict = {"worker_nodes": [n.node_id for n in workers]}
 
-    marker = work / "scorer-died"
-    os.environ["LENSSCAN_TEST_KILL_SCORER"] = str(marker)
     result["spread"] = _scan(survey, models, work / "spread", num_actors=3)
-    result["spread"]["actor_died"] = marker.exists()
-    del os.environ["LENSSCAN_TEST_KILL_SCORER"]
+    result["spread"]["actor_died"] = Path(os.environ["LENSSCAN_TEST_KILL_SCORER"]).exists()
 
     out = work / "node-loss"
     victim = workers[-1]
@@ -102,14 +103,9 @@ def train_losing_a_worker(cluster: Cluster, data: str, out: Path) -> dict:
                          model_params={"depth": 11, "width": 4, "stem_stride": 2},
                          stream=StreamConfig(batch_size=16, augment=AugmentConfig.none()),
                          evaluation=EvaluationConfig(top_n=(10,)))
-    marker = out / "train-worker-died"
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ["LENSSCAN_TEST_KILL_TRAIN_WORKER"] = str(marker)  # the workers inherit it
-    try:
-        [version_dir] = train(config)
-    finally:
-        del os.environ["LENSSCAN_TEST_KILL_TRAIN_WORKER"]
-    return {"version_dir": str(version_dir), "worker_died": marker.exists()}
+    [version_dir] = train(config)
+    return {"version_dir": str(version_dir),
+            "worker_died": Path(os.environ["LENSSCAN_TEST_KILL_TRAIN_WORKER"]).exists()}
 
 
 if __name__ == "__main__":

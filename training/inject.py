@@ -9,8 +9,9 @@ stamp and a real one go through identical code.
 The lensing is caustics' (``caustics.func``: the SIE and shear deflections, the Sersic profile):
 its functional API broadcasts over a batch dimension, so one call ray-traces every stamp of a batch
 on the GPU. Sources are a Sersic plus compact star-forming clumps with power-law SEDs bluer than
-the red deflectors; each band's light is convolved with that band's PSF, gets its own photon noise
-and goes into counts through that band's zero point. Lenses failing the magnification or arc S/N
+the red deflectors; each band's light is convolved with a PSF drawn around that band's header
+(``training.conditions``: Moffat or double-Gaussian core, wing, ellipticity, seeing scatter), gets
+its own photon noise and goes into counts through that band's zero point, jittered. Lenses failing the magnification or arc S/N
 cut are redrawn (batched, only the failures) so the model is not taught invisible lenses.
 
 Example
@@ -29,16 +30,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from training.bands import BandMeta, magnitude_to_counts, sed_magnitudes
+from training.conditions import ConditionsConfig, draw_conditions
 from training.render import (caustics_func, chunks, convolve, detection_snr, draw_until_accepted,
                              gaussian_unit_flux, integrate_pixels, light_position_angle,
-                             moffat_kernels, photon_noise, psf_half_pix, sersic_unit_flux,
-                             stamp_grid, uniform)
+                             photon_noise, sersic_unit_flux, stamp_grid, uniform)
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,11 @@ class InjectionConfig:
     supersample : int
         Rays per pixel side: 3 integrates arcs thinner than a pixel well enough once the PSF
         (> 3 pixels FWHM) has blurred them (the cross-check test compares with 5).
+    conditions : ConditionsConfig
+        The PSF (family, index, wing, ellipticity, seeing) and zero point each stamp and band's
+        arcs are painted with, drawn around the header's (``training.conditions``); look-alikes
+        draw theirs from the same defaults. ``ConditionsConfig.header()`` paints with the
+        header's Moffat and zero point.
     """
 
     einstein_radius_arcsec: tuple[float, float] = (0.8, 3.0)
@@ -136,12 +142,15 @@ class InjectionConfig:
     min_arc_snr: float = 20.0
     max_draws: int = 10
     supersample: int = 3
+    conditions: ConditionsConfig = field(default_factory=ConditionsConfig)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
+        object.__setattr__(self, "conditions",
+                           ConditionsConfig.coerce(self.conditions, "InjectionConfig.conditions"))
         _check_range("einstein_radius_arcsec", self.einstein_radius_arcsec, 1e-6)
         _check_range("axis_ratio", self.axis_ratio, 0.05, 1.0)
         _check_range("shear", self.shear, 0.0, 0.5)
@@ -161,7 +170,9 @@ class InjectionConfig:
             raise ValueError("InjectionConfig.max_draws and supersample must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        d["conditions"] = self.conditions.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "InjectionConfig":
@@ -286,10 +297,11 @@ def source_band_counts(params: Params, meta: BandMeta, reference_band: str, clum
     return main, clumps
 
 
-def render_arcs(params: Params, meta: BandMeta, size: int, config: InjectionConfig
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def render_arcs(params: Params, meta: BandMeta, size: int, config: InjectionConfig,
+                kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise-free lensed light (N, C, S, S) in counts, PSF-convolved, and the magnification (N,).
 
+    ``kernels`` (N, C, K, K) are the stamps' PSFs (``training.conditions.draw_conditions``).
     Rendered in chunks of stamps sized for the device (``training.render.chunks``).
     """
     device = meta.pixel_scale_arcsec.device
@@ -302,7 +314,7 @@ def render_arcs(params: Params, meta: BandMeta, size: int, config: InjectionConf
         main_unit, clump_unit = lensed_unit_images(sub, sub_meta, size, config.supersample)
         light = main_counts[part, :, None, None] * main_unit[:, None]
         light = light + torch.einsum("nkc,nkhw->nchw", clump_counts[part], clump_unit)
-        arcs.append(convolve(light, moffat_kernels(sub_meta, psf_half_pix(sub_meta, size))))
+        arcs.append(convolve(light, kernels[part]))
         magnification.append(main_unit.sum(dim=(-2, -1)))
     return torch.cat(arcs), torch.cat(magnification)
 
@@ -330,7 +342,9 @@ def inject_lenses(raw_deflectors: torch.Tensor, meta: BandMeta, config: Injectio
         ``scanner.normalise.normalise`` like any stamp.
     params : dict of tensors
         The lens and source parameters (see :func:`draw_lens_params`) and ``magnification``
-        (N,), ``arc_snr`` (N,), ``passed_cuts`` (N,) bool, ``draws`` (N,) int, ``source_mag``
+        (N,), ``arc_snr`` (N,), ``passed_cuts`` (N,) bool, ``draws`` (N,) int, ``magzero`` and
+        ``psf_fwhm_arcsec`` (N, C), the drawn zero points and seeing the arcs were painted with
+        (``training.conditions``), ``source_mag``
         (N, C) unlensed AB magnitudes per band, ``arc_mag`` (N, C) AB magnitudes of the injected
         light, and ``arcs`` (N, C, S, S), the noise-free injected light in counts.
     """
@@ -344,6 +358,7 @@ def inject_lenses(raw_deflectors: torch.Tensor, meta: BandMeta, config: Injectio
     meta = meta.to(device)
     n, _, size, _ = raw.shape
     light_angle = light_position_angle(raw, meta)[0] if config.align_mass_with_light else None
+    observed, kernels = draw_conditions(meta, config.conditions, size, generator)
     magnification = raw.new_zeros(n)
     snr = raw.new_zeros(n)
 
@@ -352,8 +367,8 @@ def inject_lenses(raw_deflectors: torch.Tensor, meta: BandMeta, config: Injectio
         return draw_lens_params(index.numel(), config, generator, device, angle)
 
     def render(sub: Params, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sub_meta = meta[index]
-        arcs, mu = render_arcs(sub, sub_meta, size, config)
+        sub_meta = observed[index]
+        arcs, mu = render_arcs(sub, sub_meta, size, config, kernels[index])
         magnification[index] = mu
         snr[index] = detection_snr(arcs, sub_meta)
         return arcs, (mu >= config.min_magnification) & (snr[index] >= config.min_arc_snr)
@@ -363,7 +378,7 @@ def inject_lenses(raw_deflectors: torch.Tensor, meta: BandMeta, config: Injectio
         logger.debug("%d of %d lenses failed the cuts after %d draws", int((~passed).sum()), n,
                      config.max_draws)
     lensed = raw + arcs + photon_noise(arcs, meta.gain, generator)
-    main_counts, clump_counts = source_band_counts(params, meta, config.reference_band,
+    main_counts, clump_counts = source_band_counts(params, observed, config.reference_band,
                                                    config.clump_sed_offset)
     unlensed = main_counts + clump_counts.sum(dim=1)
     params.update({
@@ -371,8 +386,10 @@ def inject_lenses(raw_deflectors: torch.Tensor, meta: BandMeta, config: Injectio
         "arc_snr": snr,
         "passed_cuts": passed,
         "draws": draws,
-        "source_mag": meta.magzero - 2.5 * torch.log10(unlensed),
-        "arc_mag": meta.magzero - 2.5 * torch.log10(arcs.sum(dim=(-2, -1)).clamp(min=1e-30)),
+        "magzero": observed.magzero,
+        "psf_fwhm_arcsec": observed.psf_fwhm_arcsec,
+        "source_mag": observed.magzero - 2.5 * torch.log10(unlensed),
+        "arc_mag": observed.magzero - 2.5 * torch.log10(arcs.sum(dim=(-2, -1)).clamp(min=1e-30)),
         "arcs": arcs,
     })
     return lensed, params

@@ -129,3 +129,45 @@ def test_default_keeps_colour_and_the_original_set_switches_it_on():
     default, original = AugmentConfig(), AugmentConfig.original()
     assert not default.channel_shuffle and not default.hue
     assert original.channel_shuffle and original.hue and original.gamma and original.rot90
+
+
+def test_correlated_noise_has_the_drawn_pixel_variance_and_correlates_neighbours():
+    zeros = torch.zeros(64, C, 48, 48)
+    out = augment(zeros, _only("correlated_noise", correlated_noise_sigma=(0.3, 0.3)), _gen(1))
+    assert float(out.std()) == pytest.approx(0.3, rel=0.03)
+    # Edge pixels as noisy as central ones: the noise is not thinned by padding.
+    assert float(out[..., 0, :].std()) == pytest.approx(0.3, rel=0.08)
+    neighbours = float((out[..., :, 1:] * out[..., :, :-1]).mean() / out.var())
+    assert neighbours > 0.3
+    white = augment(zeros, _only("noise", noise_sigma=(0.3, 0.3)), _gen(1))
+    assert abs(float((white[..., :, 1:] * white[..., :, :-1]).mean() / white.var())) < 0.03
+
+
+def test_correlated_noise_level_scatters_per_stamp_and_band():
+    out = augment(torch.zeros(N, C, 32, 32), _only("correlated_noise"), _gen(2))
+    sigma = out.std(dim=(-2, -1))
+    assert sigma.max() <= 0.2 * 1.15 and float(sigma.std()) > 0.02
+
+
+def test_pixel_scale_jitter_resizes_a_source_by_at_most_the_jitter():
+    yy, xx = torch.meshgrid(torch.arange(S) - S // 2.0, torch.arange(S) - S // 2.0, indexing="ij")
+    source = torch.exp(-(xx**2 + yy**2) / (2 * 3.0**2)).expand(N, C, S, S)
+    out = augment(source, _only("pixel_scale", pixel_scale_jitter=0.05), _gen(3))
+
+    def size(x):
+        w = x.clamp(min=0)
+        return torch.sqrt((w * (xx**2 + yy**2)).sum(dim=(-2, -1)) / w.sum(dim=(-2, -1)))
+
+    ratio = size(out) / size(source)
+    assert (ratio > 0.93).all() and (ratio < 1.07).all() and float(ratio.std()) > 0.005
+    # No jitter: the resampling is the identity.
+    same = augment(source, _only("pixel_scale", pixel_scale_jitter=0.0), _gen(3))
+    torch.testing.assert_close(same, source)
+
+
+def test_sky_offset_shifts_each_band_by_a_constant():
+    x = _stamps()
+    out = augment(x, _only("sky_offset", sky_offset_sigma=0.05), _gen(4))
+    shift = out - x
+    torch.testing.assert_close(shift, shift[..., :1, :1].expand_as(shift))
+    assert float(shift[..., 0, 0].std()) == pytest.approx(0.05, rel=0.3)

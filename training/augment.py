@@ -14,6 +14,12 @@ log-uniform in ``[1/gamma_max, gamma_max]``, centred on the identity, applied to
 value range; the scan applies no gamma, and its untransformed stamps sit in the middle of what
 the model saw in training.
 
+Survey-to-survey differences the scan will meet are augmentations too: correlated pixel noise, as
+resampled coadds have (white noise convolved with a small random kernel, rescaled to a drawn pixel
+sigma), a per-band sky-level error, and a pixel-scale error of up to ~1% (a small resampling).
+Together with the PSFs and zero points that ``training.conditions`` draws for painted light, they
+keep the model from learning one survey's noise texture, sky subtraction and pixel grid.
+
 Colour-changing ops (channel shuffle, hue) are off by default: colour is what tells a blue arc from
 a red deflector, and the original set is one call away (``AugmentConfig.original()``).
 
@@ -50,12 +56,31 @@ class AugmentConfig:
         Pad with sky (0) by ``max_shift_pix`` and crop back at a random offset.
     max_shift_pix : int
         Largest shift; 4 pixels (1") keeps the deflector near the centre, where the scan cuts it.
+    pixel_scale : bool
+        Resample each stamp (bicubic, about its centre) as if its pixels were a factor uniform in
+        ``[1 - pixel_scale_jitter, 1 + pixel_scale_jitter]`` larger: a survey's pixel scale within
+        the input spec's tolerance.
+    pixel_scale_jitter : float
+        Largest fractional pixel-scale error; 0.01.
     channel_shuffle : bool
         Permute the bands at random (original set; off by default: it destroys colour).
     noise : bool
         Add Gaussian noise of a random level (the FITS equivalent of JPEG artefacts).
     noise_sigma : (float, float)
         Range of that noise's sigma in normalised units (the sky noise is ~0.33 there).
+    correlated_noise : bool
+        Add correlated noise, as resampling makes in coadds: white noise convolved with a Gaussian
+        kernel of random widths along the two axes, rescaled so its pixel sigma is the drawn one.
+    correlated_noise_sigma : (float, float)
+        Range of its pixel sigma (normalised units), drawn per stamp and band: the noise level
+        scatters between bands and stamps as depth does.
+    correlated_noise_kernel_pix : (float, float)
+        Range of the kernel's Gaussian sigma along each axis (pixels): ~0.5 for a bilinear
+        resampling, ~1 for a Lanczos-resampled, drizzled coadd.
+    sky_offset : bool
+        Add a per-band constant: a sky-subtraction error.
+    sky_offset_sigma : float
+        Its Gaussian sigma (normalised units, per stamp and band).
     blur : bool
         Convolve with a Gaussian of random width: a PSF perturbation, so the model does not
         learn one survey's seeing.
@@ -83,9 +108,16 @@ class AugmentConfig:
     flip: bool = True
     translate: bool = True
     max_shift_pix: int = 4
+    pixel_scale: bool = True
+    pixel_scale_jitter: float = 0.01
     channel_shuffle: bool = False
     noise: bool = True
     noise_sigma: tuple[float, float] = (0.0, 0.1)
+    correlated_noise: bool = True
+    correlated_noise_sigma: tuple[float, float] = (0.0, 0.2)
+    correlated_noise_kernel_pix: tuple[float, float] = (0.4, 1.2)
+    sky_offset: bool = True
+    sky_offset_sigma: float = 0.03
     blur: bool = True
     blur_sigma_pix: tuple[float, float] = (0.0, 0.6)
     brightness: bool = True
@@ -98,11 +130,18 @@ class AugmentConfig:
     gamma_max: float = 1.25
 
     def __post_init__(self) -> None:
-        for name in ("noise_sigma", "blur_sigma_pix", "saturation_range"):
+        for name in ("noise_sigma", "blur_sigma_pix", "saturation_range", "correlated_noise_sigma",
+                     "correlated_noise_kernel_pix"):
             lo, hi = getattr(self, name)
             object.__setattr__(self, name, (float(lo), float(hi)))
             if not 0 <= lo <= hi:
                 raise ValueError(f"AugmentConfig.{name}=({lo}, {hi}): expected 0 <= low <= high")
+        if not 0 <= self.pixel_scale_jitter < 0.5 or self.sky_offset_sigma < 0:
+            raise ValueError(f"AugmentConfig: pixel_scale_jitter={self.pixel_scale_jitter} must be "
+                             f"in [0, 0.5), sky_offset_sigma={self.sky_offset_sigma} >= 0")
+        if self.correlated_noise_kernel_pix[0] <= 0:
+            raise ValueError(f"AugmentConfig.correlated_noise_kernel_pix="
+                             f"{self.correlated_noise_kernel_pix}: widths must be > 0")
         if self.max_shift_pix < 0:
             raise ValueError(f"AugmentConfig.max_shift_pix={self.max_shift_pix}: expected >= 0")
         if self.gamma_max < 1:
@@ -168,6 +207,42 @@ def random_translate(x: torch.Tensor, max_shift: int, g: torch.Generator | None)
     return out.gather(3, cols.expand(n, c, h, w))
 
 
+def random_pixel_scale(x: torch.Tensor, jitter: float, g: torch.Generator | None) -> torch.Tensor:
+    """Each stamp resampled about its centre as if its pixels were ``1 + U(-jitter, jitter)`` larger.
+
+    Larger pixels show a source smaller; what comes in from beyond the edge is sky (0).
+    """
+    n = x.shape[0]
+    factor = _between(1 - jitter, 1 + jitter, n, x, g)
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = factor
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bicubic", padding_mode="zeros", align_corners=False)
+
+
+def correlated_noise(shape: torch.Size, sigma: torch.Tensor, kernel_pix: tuple[float, float],
+                     g: torch.Generator | None, device: torch.device, dtype: torch.dtype
+                     ) -> torch.Tensor:
+    """Correlated Gaussian noise (N, C, H, W) of pixel sigma ``sigma`` (N, C).
+
+    White noise on a frame ``half`` pixels wider, convolved with an axis-aligned Gaussian of random
+    widths (``kernel_pix``, per stamp and band, each axis its own) and divided by the kernel's
+    quadratic sum, so every pixel's variance is exactly ``sigma**2`` while neighbours correlate.
+    """
+    n, c, h, w = shape
+    half = max(1, math.ceil(2 * kernel_pix[1]))
+    offsets = torch.arange(-half, half + 1, device=device, dtype=dtype)
+    width_x = _between(*kernel_pix, n * c, offsets, g)
+    width_y = _between(*kernel_pix, n * c, offsets, g)
+    kernel = (torch.exp(-0.5 * (offsets[None, None, :] / width_x[:, None, None]) ** 2)
+              * torch.exp(-0.5 * (offsets[None, :, None] / width_y[:, None, None]) ** 2))
+    kernel = kernel / torch.sqrt((kernel**2).sum(dim=(-2, -1), keepdim=True))
+    white = torch.randn((1, n * c, h + 2 * half, w + 2 * half), generator=g, device=device,
+                        dtype=dtype)
+    field = F.conv2d(white, kernel[:, None], groups=n * c).reshape(n, c, h, w)
+    return field * sigma[..., None, None]
+
+
 def random_channel_shuffle(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
     """Each stamp's bands in a random order of its own."""
     order = torch.argsort(torch.rand(x.shape[:2], generator=g, device=x.device), dim=1)
@@ -219,8 +294,8 @@ def augment(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator |
             ) -> torch.Tensor:
     """Augmented copy of normalised stamps ``x`` (N, C, S, S); never in place.
 
-    Geometry first (rotation, flips, translation), then band order, PSF and noise, then colour
-    and gamma. ``generator`` must live on ``x``'s device; the same seed gives the same output.
+    Geometry first (rotation, flips, pixel scale, translation), then band order, PSF, noise
+    (white, correlated) and sky level, then colour and gamma. ``generator`` must live on ``x``'s device; the same seed gives the same output.
     """
     if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
         raise ValueError(f"augment expects square stamps (N, C, S, S); got {tuple(x.shape)}")
@@ -233,6 +308,8 @@ def augment(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator |
         out = random_rot90(out, generator)
     if c.flip:
         out = random_flip(out, generator)
+    if c.pixel_scale and c.pixel_scale_jitter > 0:
+        out = random_pixel_scale(out, c.pixel_scale_jitter, generator)
     if c.translate:
         out = random_translate(out, c.max_shift_pix, generator)
     if c.channel_shuffle:
@@ -243,6 +320,13 @@ def augment(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator |
         sigma = _per_stamp(_between(*c.noise_sigma, n, out, generator))
         noise = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
         out = out + sigma * noise
+    if c.correlated_noise:
+        sigma = _between(*c.correlated_noise_sigma, n * out.shape[1], out, generator)
+        out = out + correlated_noise(out.shape, sigma.reshape(n, -1), c.correlated_noise_kernel_pix,
+                                     generator, out.device, out.dtype)
+    if c.sky_offset:
+        out = out + c.sky_offset_sigma * torch.randn((n, out.shape[1], 1, 1), generator=generator,
+                                                     device=out.device, dtype=out.dtype)
     if c.brightness:
         out = out + _per_stamp(_between(-c.brightness_delta, c.brightness_delta, n, out, generator))
     if c.saturation:

@@ -504,7 +504,7 @@ class Ensemble:
         self.precision = str(self._autocast_dtype or torch.float32).removeprefix("torch.")
         return self
 
-    def predict(self, stamps: torch.Tensor, *, autocast: bool = True) -> torch.Tensor:
+    def predict(self, stamps: torch.Tensor, *, autocast: bool = True, tta: bool = False) -> torch.Tensor:
         """Return lens probabilities, shape ``(N, n_versions)`` float32 on the ensemble's device.
 
         Every version scores the same batch in one pass under ``torch.inference_mode``.
@@ -517,6 +517,9 @@ class Ensemble:
         autocast
             Run the networks in the reduced precision :meth:`to` chose (bfloat16 on GPUs by
             default); ``False`` forces float32.
+        tta
+            Test-time augmentation: each version's probability is the mean over the stamp's 8
+            rotations and flips (a lens is a lens in any orientation; 8x the forward's cost).
         """
         spec = self.input_spec
         if stamps.ndim != 4 or stamps.shape[1:] != (spec.n_channels, spec.stamp_size_pix, spec.stamp_size_pix):
@@ -527,11 +530,21 @@ class Ensemble:
         reduced = autocast and self._autocast_dtype is not None
         with torch.inference_mode():
             x = stamps.to(self.device, dtype=torch.float32, non_blocking=True)
+            n = x.shape[0]
+            if tta:
+                x = torch.cat(dihedral_views(x))
             if self._channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=self._autocast_dtype or torch.bfloat16, enabled=reduced):
                 scores = [lens_probability(model(x).float()) for model in self._models]
-            return torch.stack(scores, dim=1)
+            scores = torch.stack(scores, dim=1)
+            return scores.view(-1, n, len(self._models)).mean(dim=0) if tta else scores
+
+
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 rotations and flips of a ``(N, C, H, W)`` batch, the identity first."""
+    views = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]
+    return views + [v.flip(3) for v in views]
 
 
 def load_ensemble(paths: Sequence[str | Path] | str | Path) -> Ensemble:

@@ -363,17 +363,26 @@ def test_a_method_trains_on_two_workers_and_exports_what_the_scanner_scores(
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(dataset, ray_cluster, tmp_path,
                                                             one_thread):
     """Mean Teacher (weights, teacher and optimiser in the checkpoint): 1 epoch, then the same
-    command asking for 2 continues at epoch 1 from the saved step."""
-    first = _config(dataset, tmp_path / "registry", "mean_teacher", epochs=1)
+    command asking for 2 continues at epoch 1 from the saved step, with the hard negatives the
+    first epoch mined (never a known lens)."""
+    first = _config(dataset, tmp_path / "registry", "mean_teacher", epochs=1,
+                    hard_negative_start_epoch=2, hard_negative_pool_size=64, hard_negative_keep=8)
     [version_dir] = train(first)
     saved_step = json.loads((version_dir / "model.json").read_text())["training"]["steps"]
     assert saved_step == 8
+    mined = read_state(_latest_checkpoint(first, 1))["hard_negatives"]
+    assert len(mined) == 2 * 8  # each worker's keep
+    known = pd.read_parquet(Path(dataset) / "stamps" / "split=train" / "pool=known_lens",
+                            columns=["objid"])["objid"].tolist()
+    assert not {objid for _, objid in mined} & set(known)
     second = dataclasses.replace(first, epochs=2)
     assert train(second) == [version_dir]
     meta = _check_exported(version_dir, second)
     training = meta["training"]
     assert training["resumes"] == [{"epoch": 1, "step": saved_step}]
     assert training["history"][1]["start_step"] == saved_step
+    assert training["history"][0]["hard_negatives"] == 0
+    assert training["history"][1]["hard_negatives"] == 8
     assert training["steps"] == 2 * saved_step and training["epochs"] == 2
     with pytest.raises(TrainingRefused, match=r"other settings \(learning_rate\)"):
         train(dataclasses.replace(second, learning_rate=1e-2))

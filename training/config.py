@@ -128,6 +128,16 @@ class TrainConfig:
     gan : str, optional
         A GAN directory (``lensscan gan train``) whose samples replace ``stream.gan_fraction`` of
         each batch's positives.
+    hard_negative_start_epoch : int
+        First epoch (counting from 1) whose batches hold mined hard negatives
+        (``training.hard_negatives``): the epochs before it are warm-up, and from the end of the
+        one before it on, every epoch ends by mining. Mining is on while
+        ``stream.hard_negative_fraction > 0``; it ships the ``unlabelled`` pool to every worker.
+    hard_negative_pool_size : int
+        Stamps each worker scores per mining: a random sample of its unlabelled stamps and
+        negatives (never a known lens). 1024 costs a few seconds per epoch on a CPU core.
+    hard_negative_keep : int
+        The highest-scoring this many of them become the next epoch's hard negatives.
     address : str, optional
         Ray cluster address; by default a local cluster (or the one already connected).
     """
@@ -158,6 +168,9 @@ class TrainConfig:
     grades: str | None = None
     grades_scan: str | None = None
     gan: str | None = None
+    hard_negative_start_epoch: int = 3
+    hard_negative_pool_size: int = 1024
+    hard_negative_keep: int = 128
     address: str | None = None
 
     def __post_init__(self) -> None:
@@ -174,6 +187,14 @@ class TrainConfig:
         for name in ("epochs", "versions", "workers", "unlabelled_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)}: expected >= 1")
+        if self.hard_negative_start_epoch < 2:
+            raise ValueError(f"TrainConfig.hard_negative_start_epoch="
+                             f"{self.hard_negative_start_epoch}: expected >= 2 (a model must "
+                             f"train an epoch before its scores mean anything)")
+        if not 1 <= self.hard_negative_keep <= self.hard_negative_pool_size:
+            raise ValueError(f"TrainConfig: expected 1 <= hard_negative_keep "
+                             f"({self.hard_negative_keep}) <= hard_negative_pool_size "
+                             f"({self.hard_negative_pool_size})")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"TrainConfig.steps_per_epoch={self.steps_per_epoch}: expected >= 1 "
                              f"or None (one pass over the deflectors)")
@@ -193,6 +214,19 @@ class TrainConfig:
         if (self.gan is None) != (self.stream.gan_fraction == 0):
             raise ValueError("TrainConfig: give both a GAN directory (gan) and a share of GAN "
                              "positives (stream.gan_fraction > 0), or neither")
+
+    @property
+    def mines_hard_negatives(self) -> bool:
+        """Whether the run mines hard negatives (``stream.hard_negative_fraction > 0``)."""
+        return self.stream.hard_negative_fraction > 0
+
+    def mines_after(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (counting from 1) ends by mining hard negatives for the next.
+
+        The last epoch mines too: its checkpoint then holds what a run resumed with more epochs
+        feeds back.
+        """
+        return self.mines_hard_negatives and epoch + 1 >= self.hard_negative_start_epoch
 
     def pool_counts(self, counts: dict[str, int]) -> dict[str, int]:
         """The dataset's train-split ``counts`` after ``max_pool_stamps``."""

@@ -13,6 +13,12 @@ Data path: the dataset's training pools are read by Ray Data (``ray.data.read_pa
 ones every epoch. Unlabelled stamps are normalised once by the scan's ``scanner.normalise`` and
 drawn at random each step; methods view them through the weak and strong augmentations.
 
+Hard negatives (``training.hard_negatives``): from ``hard_negative_start_epoch - 1`` on, every
+epoch ends with each worker scoring a sample of its unlabelled stamps and negatives (never a known
+lens: the driver hands every worker all known-lens objids) and feeding the highest-scoring back
+into its stream as negatives for the next epoch. The mined stamps of all workers are recorded in
+the checkpoint, so a resumed run continues with exactly them.
+
 Checkpoints: after every epoch rank 0 writes weights, weight average, optimiser and progress as
 safetensors + JSON (``training.checkpoint``) and reports them through ``ray.train.report``; Ray
 Train keeps them under ``<out>/<name>/_checkpoints/run-<k>/``. Running the same command again
@@ -58,6 +64,7 @@ from training.checkpoint import load_training_state, save_training_state
 from training.config import RESUMABLE_FIELDS, TrainConfig
 from training.dataset import StampSet, open_dataset, stamps_dir
 from training.evaluate import EvalSet, build_eval_set, ensemble_report
+from training.hard_negatives import HardNegativeMiner
 from training.methods import LabelledBatch, Method, UnlabelledBatch, build_method
 from training.methods.common import ema_copy, ema_update
 from training.stream import LensTrainingStream
@@ -201,8 +208,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Train one version on this worker: the body every Ray Train worker runs.
 
     ``loop_config`` holds ``config`` (``TrainConfig.to_dict()``), ``version``, ``steps_per_epoch``,
-    ``input_spec``, ``datasets`` (the names of the Ray Datasets given) and ``run`` (a label for
-    log lines).
+    ``input_spec``, ``datasets`` (the names of the Ray Datasets given), ``known_lens_objids``
+    (every known lens of the run, never mined as a negative) and ``run`` (a label for log lines).
     """
     import ray.train
     import ray.train.torch
@@ -234,8 +241,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                 generated=None if generated is None else generated.sample,
                                 known_lenses=known)
     # Normalised once and kept in host memory (a shard can outgrow the accelerator's).
-    unlabelled = (torch.from_numpy(normalise(shard("unlabelled").stamps, spec))
-                  if method.uses_unlabelled else None)
+    unlabelled, unlabelled_ids = None, np.zeros(0, np.int64)
+    if "unlabelled" in loop_config["datasets"] and (method.uses_unlabelled
+                                                    or config.mines_hard_negatives):
+        pool = shard("unlabelled")
+        unlabelled, unlabelled_ids = (torch.from_numpy(normalise(pool.stamps, spec)),
+                                      pool.rows["objid"].to_numpy())
+        del pool
+    miner = None
+    if config.mines_hard_negatives:
+        miner = HardNegativeMiner(unlabelled, unlabelled_ids, stream.negatives, spec,
+                                  loop_config.get("known_lens_objids", []),
+                                  config.hard_negative_pool_size, config.hard_negative_keep)
+    if not method.uses_unlabelled:
+        unlabelled = None  # the miner keeps what it needs
 
     torch.manual_seed(seed)  # the same initial weights on every worker
     net = build_model(config.architecture, config.model_params, spec.n_channels)
@@ -243,7 +262,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(net)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
-    start_epoch, step, history, resumes = 0, 0, [], []
+    start_epoch, step, history, resumes, mined_keys = 0, 0, [], [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -251,6 +270,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch, step = state["epoch"], state["step"]
         history, resumes = state["history"], state["resumes"] + [{"epoch": state["epoch"],
                                                                    "step": state["step"]}]
+        mined_keys = state.get("hard_negatives", [])
+        if miner is not None and mined_keys:
+            stream.use_hard_negatives(*miner.stamps(miner.from_keys(mined_keys)))
         if rank == 0:
             logger.info("[%s] resuming after epoch %d, step %d", loop_config["run"], start_epoch, step)
 
@@ -275,7 +297,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - started
         entry = {"run": loop_config["run"], "epoch": epoch + 1, "start_step": start_step,
                  "step": step, **_epoch_entry(sums, n_stamps, seconds, step - start_step, world,
-                                              device), "seconds": seconds}
+                                              device), "seconds": seconds,
+                 "hard_negatives": len(stream.hard_ids) if stream.hard_x is not None else 0}
+        if miner is not None and config.mines_after(epoch + 1):
+            mined_keys, mined_score = mine_hard_negatives(miner, net, stream, [seed, rank, epoch],
+                                                          world)
+            if mined_score is not None:
+                entry["hard_negative_mean_score"] = mined_score
         history.append(entry)
         if rank == 0:
             logger.info("%s", _epoch_line(entry, config.epochs, world))
@@ -284,9 +312,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 save_training_state(directory, net, method.teacher, optimizer, {
                     "epoch": epoch + 1, "step": step, "history": history, "resumes": resumes,
-                    "fingerprint": config.fingerprint()})
+                    "hard_negatives": mined_keys, "fingerprint": config.fingerprint()})
                 saved = ray.train.Checkpoint.from_directory(directory)
             ray.train.report({k: v for k, v in entry.items() if k != "run"}, checkpoint=saved)
+
+
+def mine_hard_negatives(miner: HardNegativeMiner, net: torch.nn.Module, stream: LensTrainingStream,
+                        seed: list[int], world: int) -> tuple[list[list[int]], float]:
+    """Mine this worker's hard negatives into its stream; return every worker's keys and the
+    mean score of this worker's.
+
+    The keys (``[pool code, objid]``, sorted) are gathered from all workers so that rank 0's
+    checkpoint can hand each worker of a resumed run its own.
+    """
+    chosen, scores = miner.mine(net, seed)
+    stream.use_hard_negatives(*miner.stamps(chosen))
+    keys = miner.keys(chosen)
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, keys)
+        keys = sorted(k for part in gathered for k in part)
+    return keys, float(scores.mean()) if len(scores) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,9 +385,17 @@ def training_datasets(config: TrainConfig, counts: dict[str, int], uses_unlabell
                 "negative": _ray_dataset(config, [(config.data, "non_lens"),
                                                   (config.data, "deflector"), *extra], per_data),
                 "known_lens": _ray_dataset(config, [(d, "known_lens") for d in per_data], per_data)}
-    if uses_unlabelled:
+    if uses_unlabelled or config.mines_hard_negatives:
         datasets["unlabelled"] = _ray_dataset(config, [(config.data, "unlabelled")], per_data)
     return {name: ds for name, ds in datasets.items() if ds is not None}
+
+
+def known_lens_objids(datasets: dict[str, Any]) -> list[int]:
+    """Every known lens's objid in the training datasets (sorted): never mined as a negative."""
+    if "known_lens" not in datasets:
+        return []
+    ids = datasets["known_lens"].select_columns(["objid"]).to_pandas()["objid"].to_numpy()
+    return sorted({int(i) for i in ids})
 
 
 def _check_counts(config: TrainConfig, counts: dict[str, int], uses_unlabelled: bool) -> None:
@@ -429,10 +483,11 @@ def _ensure_ray(config: TrainConfig) -> None:
 
 
 def fit_version(config: TrainConfig, version: int, spec: InputSpec, datasets: dict[str, Any],
-                n_steps: int) -> Path:
+                n_steps: int, known_lenses: list[int] | None = None) -> Path:
     """Run (or resume) one version's ``TorchTrainer`` fit; return its last checkpoint's directory.
 
-    The checkpoint lives under ``<out>/<name>/_checkpoints/run-<version>/``.
+    The checkpoint lives under ``<out>/<name>/_checkpoints/run-<version>/``. ``known_lenses``
+    (objids) are never mined as hard negatives.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -442,7 +497,8 @@ def fit_version(config: TrainConfig, version: int, spec: InputSpec, datasets: di
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "version": version, "run": f"v{version}",
                            "steps_per_epoch": n_steps, "input_spec": spec.to_dict(),
-                           "datasets": sorted(datasets)},
+                           "datasets": sorted(datasets),
+                           "known_lens_objids": list(known_lenses or [])},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=RunConfig(name=f"run-{version}", storage_path=str(storage_path),
@@ -495,6 +551,7 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> list[Path]:
     _ensure_ray(config)
     datasets = training_datasets(config, counts, method.uses_unlabelled, graded)
     n_steps = steps_per_epoch(config, counts["deflector"])
+    known_lenses = known_lens_objids(datasets) if config.mines_hard_negatives else []
     logger.info("training %d version(s) of %s with %s: %d epochs of %d steps on %d worker(s)",
                 config.versions, config.name, config.method, config.epochs, n_steps, config.workers)
     paths, scores = [], {}
@@ -502,7 +559,7 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> list[Path]:
                         disable=None):
         version_dir = model_dir / f"version-{version}"
         if not _finished(version_dir, config):
-            checkpoint = fit_version(config, version, spec, datasets, n_steps)
+            checkpoint = fit_version(config, version, spec, datasets, n_steps, known_lenses)
             export_version(checkpoint, config, version, spec, info, eval_set)
         else:
             logger.info("%s is complete; kept", version_dir)
@@ -521,5 +578,5 @@ def _saved_scores(version_dir: Path) -> np.ndarray:
 
 
 __all__ = ["TrainingRefused", "attach_teacher", "draw_unlabelled", "fit_version",
-           "labelled_batches", "optimisation_step", "shard_stamps", "steps_per_epoch", "train",
-           "train_loop_per_worker"]
+           "known_lens_objids", "labelled_batches", "mine_hard_negatives", "optimisation_step",
+           "shard_stamps", "steps_per_epoch", "train", "train_loop_per_worker"]

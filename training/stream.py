@@ -3,7 +3,9 @@
 Each batch mixes positives (deflector stamps with a lens injected now, on the accelerator; with
 a GAN, a ``gan_fraction`` share of generated lens stamps; with known lenses, the dataset's or
 graded A/B in a report, a ``known_lens_fraction`` share of those), look-alike negatives
-(deflector stamps with unlensed blue structure, at ``lookalike_rate``) and plain negatives (the
+(deflector stamps with unlensed structure painted in, at ``lookalike_rate``), mined hard
+negatives (survey stamps the model currently scores highest, ``training.hard_negatives``, a
+``hard_negative_fraction`` share once the training loop has mined some) and plain negatives (the
 dataset's ``deflector`` and ``non_lens`` stamps as they are). Raw stamps are injected first and
 only then normalised by ``scanner.normalise.normalise`` (the scan's function: a host round trip,
 as it is numpy), then augmented on the device. The generator is seeded from
@@ -38,7 +40,7 @@ from training.lookalikes import LookalikeConfig, paint_lookalikes
 logger = logging.getLogger(__name__)
 
 #: What each stamp of a batch is, in ``batch["kind"]``.
-KIND_NEGATIVE, KIND_LENS, KIND_LOOKALIKE, KIND_GENERATED, KIND_KNOWN = 0, 1, 2, 3, 4
+KIND_NEGATIVE, KIND_LENS, KIND_LOOKALIKE, KIND_GENERATED, KIND_KNOWN, KIND_HARD_NEGATIVE = range(6)
 POSITIVE_KINDS = (KIND_LENS, KIND_GENERATED, KIND_KNOWN)
 
 #: Draws ``n`` normalised lens stamps on the stream's device from a torch Generator
@@ -57,7 +59,11 @@ class StreamConfig:
     positive_fraction : float
         Share of each batch that gets an injected lens; balanced classes by default.
     lookalike_rate : float
-        Share of each batch's negatives that are look-alikes (0 switches them off).
+        Share of each batch's negatives (other than mined ones) that are look-alikes (0 switches
+        them off); 0.45 makes them nearly half, so the many look-alike kinds are each seen often.
+    hard_negative_fraction : float
+        Share of each batch's negatives taken from the mined hard negatives, once the training
+        loop has mined some (``TrainConfig.hard_negative_start_epoch``); 0 switches mining off.
     gan_fraction : float
         Share of each batch's positives drawn from a GAN instead of injected (used only when the
         stream is given a sampler; the papers' strongest recipe mixes both).
@@ -72,7 +78,8 @@ class StreamConfig:
 
     batch_size: int = 256
     positive_fraction: float = 0.5
-    lookalike_rate: float = 0.2
+    lookalike_rate: float = 0.45
+    hard_negative_fraction: float = 0.25
     gan_fraction: float = 0.0
     known_lens_fraction: float = 0.25
     seed: int = 0
@@ -83,9 +90,10 @@ class StreamConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 2:
             raise ValueError(f"StreamConfig.batch_size={self.batch_size}: expected >= 2")
-        if not 0 < self.positive_fraction < 1 or not 0 <= self.lookalike_rate <= 1:
+        if not 0 < self.positive_fraction < 1 or not 0 <= self.lookalike_rate <= 1 \
+                or not 0 <= self.hard_negative_fraction < 1:
             raise ValueError("StreamConfig: positive_fraction must be in (0, 1), lookalike_rate "
-                             "in [0, 1]")
+                             "in [0, 1], hard_negative_fraction in [0, 1)")
         if not 0 <= self.gan_fraction < 1 or not 0 <= self.known_lens_fraction < 1 or \
                 self.gan_fraction + self.known_lens_fraction >= 1:
             raise ValueError(f"StreamConfig: gan_fraction={self.gan_fraction} and "
@@ -110,6 +118,8 @@ class LensTrainingStream:
     ``generated`` (a :data:`Sampler`, e.g. a GAN's) replaces ``config.gan_fraction`` of each
     batch's positives; its stamps are already normalised and are augmented with the rest.
     ``known_lenses`` (raw stamps of real or graded lenses) replace ``config.known_lens_fraction``.
+    Mined hard negatives (:meth:`use_hard_negatives`; normalised, as scored) replace
+    ``config.hard_negative_fraction`` of the negatives.
     """
 
     def __init__(self, deflectors: StampSet, negatives: StampSet, spec: InputSpec,
@@ -138,6 +148,14 @@ class LensTrainingStream:
                         else 0)
         self.n_injected = max(1, n_positive - self.n_generated - self.n_known)
         self.n_positive = self.n_injected + self.n_generated + self.n_known
+        self.hard_x: torch.Tensor | None = None
+        self.hard_ids = np.zeros(0, np.int64)
+
+    def use_hard_negatives(self, x: torch.Tensor, objids: np.ndarray) -> None:
+        """Take ``config.hard_negative_fraction`` of later batches' negatives from these normalised
+        stamps (K, C, S, S), drawn with replacement; none (K = 0) stops."""
+        self.hard_x = x.to(self.device) if len(x) else None
+        self.hard_ids = np.asarray(objids, np.int64)
 
     def __len__(self) -> int:
         return math.ceil(len(self.deflectors) / self.n_injected)
@@ -154,11 +172,13 @@ class LensTrainingStream:
         generator.manual_seed(int(rng.integers(2**62)))
         order = rng.permutation(len(self.deflectors))
         n_negative = c.batch_size - self.n_positive
+        n_hard = 0 if self.hard_x is None else round(n_negative * c.hard_negative_fraction)
         for start in range(0, len(order), self.n_injected):
             positive = order[start:start + self.n_injected]
-            n_look = int(rng.binomial(n_negative, c.lookalike_rate))
+            n_look = int(rng.binomial(n_negative - n_hard, c.lookalike_rate))
             hosts = rng.integers(0, len(self.deflectors), n_look)
-            plain = rng.integers(0, len(self.negatives), n_negative - n_look)
+            plain = rng.integers(0, len(self.negatives), n_negative - n_hard - n_look)
+            hard = rng.integers(0, len(self.hard_ids), n_hard) if n_hard else None
             parts, kinds, ids = [], [], []
             raw, meta = self._raw(self.deflectors, positive)
             lensed, params = inject_lenses(raw, meta, c.injection, generator)
@@ -183,6 +203,10 @@ class LensTrainingStream:
                 ids.append(self._negative_ids[plain])
             raw_batch = torch.cat(parts).cpu().numpy()
             x = torch.from_numpy(normalise(raw_batch, self.spec)).to(self.device)
+            if hard is not None:
+                x = torch.cat([x, self.hard_x[torch.from_numpy(hard).to(self.device)]])
+                kinds.append(np.full(n_hard, KIND_HARD_NEGATIVE))
+                ids.append(self.hard_ids[hard])
             if self.n_generated:
                 x = torch.cat([x, self.generated(self.n_generated, generator).to(self.device)])
                 kinds.append(np.full(self.n_generated, KIND_GENERATED))

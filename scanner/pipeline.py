@@ -295,7 +295,10 @@ def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult
         logger.info("%d tiles to scan (%d objects), %d already finished", len(todo), n_todo, len(done))
         _ray_init(config.address)
         try:
-            with without_ray_noise():
+            with without_ray_noise(), warnings.catch_warnings():
+                # A scan of fewer tiles than scoring actors is fine; Ray Data's hint that the pool
+                # could have fewer actors is not the user's to act on.
+                warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
                 _consume(_stream(config, plan, todo, ensemble, bands, metadata), plan, config.out,
                          n_todo, stats)
             n_cut += n_todo

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 # Survey headers often carry non-standard but harmless keywords that astropy 'fixes' noisily.
 warnings.filterwarnings("ignore", category=FITSFixedWarning)
+# Truncated files become tile failures naming the file (_check_complete); astropy's own warning
+# would only repeat it without saying which tile pays.
+warnings.filterwarnings("ignore", message="File may have been truncated")
 
 
 class TileError(RuntimeError):
@@ -165,8 +168,9 @@ def _discover(fs, root: str, tiles_url: str, bands: Sequence[str]) -> Found:
 
     A file ``<tile>_<band>.fits*`` is one band of a per-band tile when some file of that tile is a
     requested band (its other bands, say ``z`` in a g,r,i scan, are then left alone); any other
-    ``<name>.fits*`` is a multi-extension tile named ``<name>``. Two files for one band, or a name
-    used by both layouts, is ambiguous: refused, pointing at ``--tile-pattern``.
+    ``<name>.fits*`` is a multi-extension tile named ``<name>``. A tile found by two patterns (two
+    layouts, or ``.fits`` and ``.fits.fz`` copies) is ambiguous: refused, pointing at
+    ``--tile-pattern``.
     """
     files = [(path, m) for path in _list_files(fs, root, tiles_url, "*.fits*")
              if (m := TILE_FILE.match(posixpath.basename(path)))]
@@ -194,8 +198,8 @@ def _discover(fs, root: str, tiles_url: str, bands: Sequence[str]) -> Found:
     def claim(name: str, path: str, pattern: str) -> None:
         if name in patterns and patterns[name] != pattern:
             raise ValueError(f"tile {name} is both {first_file[name]} and {path} ({patterns[name]} "
-                             f"and {pattern}); keep one layout per tile, or choose one with "
-                             f"--tile-pattern")
+                             f"and {pattern}); keep one layout and one kind of file per tile, or "
+                             f"choose one with --tile-pattern")
         patterns[name] = pattern
         first_file.setdefault(name, path)
 
@@ -207,12 +211,8 @@ def _discover(fs, root: str, tiles_url: str, bands: Sequence[str]) -> Found:
             claim(name, path, "{tile}_{band}" + m.group("ext"))
             all_bands.add(band)
             sources = found.setdefault(name, {})
-            if band not in bands:
-                continue
-            if band in sources:
-                raise ValueError(f"tile {name} has band {band} twice: {sources[band].url} and {url}; "
-                                 f"remove one, or choose one with --tile-pattern")
-            sources[band] = BandSource(url, -1)
+            if band in bands:
+                sources[band] = BandSource(url, -1)
         else:
             name = m.group("stem")
             claim(name, path, "{tile}" + m.group("ext"))

@@ -41,6 +41,27 @@ def default_models():
     return str(default_models_dir())
 
 
+def assert_every_catalog_row_once(out, catalog: "pd.DataFrame") -> None:
+    """``pandas.read_parquet`` of candidates and failures, as a user reads them without lensscan,
+    hold every row of ``catalog`` (objid, and its 0-based ``row`` where failure rows give it)
+    exactly once; failure rows of whole tiles carry no objid."""
+    import pandas as pd
+
+    from scanner.layout import FAILURE_SCHEMA
+    from scanner.storage import exists
+
+    cand = pd.read_parquet(f"{out}/candidates.parquet", columns=["objid"])
+    failures = (pd.read_parquet(f"{out}/failures") if exists(f"{out}/failures")
+                else FAILURE_SCHEMA.empty_table().to_pandas())
+    object_rows = failures.dropna(subset=["row"])
+    assert object_rows["row"].is_unique, "a catalog row failed twice"
+    assert cand["objid"].is_unique, "an object was scored twice"
+    assert len(cand) + len(object_rows) == len(catalog)
+    failed_ids = set(object_rows["objid"].dropna().astype("int64"))
+    assert set(cand["objid"]) | failed_ids == set(catalog["objid"])
+    assert failures.loc[failures["row"].isna(), "objid"].isna().all()
+
+
 def scan_config(survey, models: str, out, **kw):
     """The ScanConfig tests use for a mock survey (small batches: several per tile)."""
     from scanner.config import ScanConfig

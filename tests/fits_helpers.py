@@ -60,3 +60,19 @@ def noisy_tile(size: int, n_bands: int = 3, seed: int = 0) -> np.ndarray:
         x0, y0 = rng.uniform(5, size - 5, 2)
         data += (50 * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / 8.0)).astype(np.float32)
     return data
+
+
+def write_scaled_tile(directory: Path, name: str, data: np.ndarray, wcs: WCS, bands: tuple[str, ...],
+                      bscale: float, bzero: float) -> list[Path]:
+    """Write a (C, H, W) tile a file per band as BITPIX=16 integers with BSCALE/BZERO, as survey
+    archives often store images; return the files written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for c, band in enumerate(bands):
+        hdu = fits.PrimaryHDU(data[c].astype(np.float32), header=wcs.to_header())
+        hdu.header["BAND"] = band
+        hdu.scale("int16", bscale=bscale, bzero=bzero)
+        p = directory / f"{name}_{band}.fits"
+        hdu.writeto(p, overwrite=True)
+        paths.append(p)
+    return paths

@@ -1,12 +1,15 @@
 """Bad input: every case ends in a clear one-line refusal or a failures row, never a lost object.
 
 One survey holds most of the problems at once (truncated, non-FITS, WCS-less, all-NaN and
-band-less tiles; objects off the tiles, on edges, with bad coordinates or repeated ids) and is
-scanned once; the refusals are checked one by one.
+band-less tiles, broken tiles overlapping a good one, tile names that cannot be folder names;
+objects off the tiles, on edges, with bad coordinates or repeated ids) and the formats a survey
+archive may use (scaled 16-bit integers, gzip), found without a tile pattern, and is scanned once;
+the refusals are checked one by one.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import subprocess
@@ -24,7 +27,8 @@ from scanner.cutouts import FLAG_EDGE
 from scanner.pipeline import EXIT_FAILURES, ScanRefused, read_candidates, read_failures, run_scan
 from scanner.registry import RegistryError, load_ensemble, write_untrained_ensemble
 from scanner.storage import with_retries
-from tests.fits_helpers import noisy_tile, tan_wcs, write_tile
+from tests.conftest import assert_every_catalog_row_once
+from tests.fits_helpers import noisy_tile, tan_wcs, write_scaled_tile, write_tile
 
 BANDS = ("g", "r", "i")
 SIZE = 160
@@ -83,6 +87,10 @@ def bad_survey(tmp_path_factory):
                 ra, dec = wcs.pixel_to_world_values(x, y)
                 rows.append((float(ra), float(dec)))
                 kinds.append("edge")
+    good = tan_wcs(*_centres(0), SIZE)
+    _archive_formats(tiles, rng, rows, kinds)
+    _broken_tiles_over(good, tiles, rows, kinds)
+    _unusable_tile_names(tiles, rng, rows, kinds)
     for ra, dec, kind in [(10.0, 10.0, "off"), (np.nan, 2.0, "nan"), (400.0, 2.0, "range"),
                           (150.0, 95.0, "range")]:
         rows.append((ra, dec))
@@ -94,6 +102,53 @@ def bad_survey(tmp_path_factory):
     cat = pd.concat([cat, dup], ignore_index=True)
     cat[["objid", "ra", "dec"]].to_parquet(root / "catalog.parquet")
     return root, cat
+
+
+def _archive_formats(tiles: Path, rng, rows: list, kinds: list) -> None:
+    """The same image three ways: float32 ('twin'), 16-bit integers with BSCALE/BZERO ('scaled')
+    and gzipped float32 ('gzipped'), with objects at the same pixels of each."""
+    xy = rng.uniform(20, SIZE - 20, (5, 2))
+    twin = noisy_tile(SIZE, 3, 6)
+    twin = (np.round((twin - 20.0) / 0.005) * 0.005 + 20.0).astype(np.float32)  # exactly scalable
+    for k, name in [(6, "twin"), (7, "scaled"), (8, "gzipped")]:
+        wcs = tan_wcs(*_centres(k), SIZE)
+        if name == "scaled":
+            write_scaled_tile(tiles, name, twin, wcs, BANDS, bscale=0.005, bzero=20.0)
+        else:
+            for path in write_tile(tiles, name, twin, wcs, BANDS):
+                if name == "gzipped":
+                    path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+                    path.unlink()
+        ra, dec = wcs.pixel_to_world_values(xy[:, 0], xy[:, 1])
+        rows.extend(zip(ra, dec))
+        kinds.extend([name] * len(xy))
+
+
+def _broken_tiles_over(good, tiles: Path, rows: list, kinds: list) -> None:
+    """A truncated tile and a band-less tile, each overlapping 'good', with an object in each
+    overlap that lies deeper inside the broken tile than inside 'good'."""
+    for name, (dx, dy) in [("ovtrunc", (60, 0)), ("ovnoband", (0, 60))]:
+        centre = good.pixel_to_world_values((SIZE - 1) / 2 + dx, (SIZE - 1) / 2 + dy)
+        bands = BANDS if name == "ovtrunc" else ("g", "r")
+        paths = write_tile(tiles, name, noisy_tile(SIZE, 3, 9)[: len(bands)],
+                           tan_wcs(float(centre[0]), float(centre[1]), SIZE), bands)
+        if name == "ovtrunc":
+            raw = paths[2].read_bytes()
+            paths[2].write_bytes(raw[: len(raw) // 2])
+        ra, dec = good.pixel_to_world_values((SIZE - 1) / 2 + 0.75 * dx, (SIZE - 1) / 2 + 0.75 * dy)
+        rows.append((float(ra), float(dec)))
+        kinds.append("overlap")
+
+
+def _unusable_tile_names(tiles: Path, rng, rows: list, kinds: list) -> None:
+    """Tiles named '_plan' and '..': names that would hide rows from Parquet readers or write
+    outside the output's folders."""
+    for k, name in [(9, "_plan"), (10, "..")]:
+        wcs = tan_wcs(*_centres(k), SIZE)
+        write_tile(tiles, name, noisy_tile(SIZE, 3, k), wcs, BANDS)
+        for ra, dec in _objects(wcs, 3, rng):
+            rows.append((ra, dec))
+            kinds.append("badname")
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +167,7 @@ def _reasons(failures: pd.DataFrame, cat: pd.DataFrame, kind: str) -> list[str]:
 
 def test_every_catalog_row_is_scored_or_failed_exactly_once(bad_scan):
     result, cand, fail, cat = bad_scan
+    assert_every_catalog_row_once(result.out, cat)
     obj_fail = fail.dropna(subset=["row"])
     assert len(cand) + len(obj_fail) == len(cat)
     assert not set(cand["objid"]) & set(obj_fail.loc[~obj_fail["reason"].str.startswith("duplicate"), "objid"])
@@ -125,6 +181,39 @@ def test_good_and_edge_objects_are_scored_and_edges_flagged(bad_scan):
     assert set(good) <= set(cand["objid"])
     edge = cand[cand["objid"].isin(cat.loc[cat["kind"] == "edge", "objid"])]
     assert len(edge) == 2 and (edge["flags"] & FLAG_EDGE).all()
+
+
+def test_objects_in_an_overlap_with_a_broken_tile_are_scored_on_the_good_tile(bad_scan):
+    _, cand, _, cat = bad_scan
+    overlap = cat.loc[cat["kind"] == "overlap", "objid"]
+    scored = cand[cand["objid"].isin(overlap)]
+    assert len(scored) == 2 and (scored["tile"] == "good").all()
+
+
+def test_scaled_integer_and_gzipped_tiles_score_like_their_float32_twin(bad_scan):
+    _, cand, fail, cat = bad_scan
+
+    def scores(kind: str) -> np.ndarray:
+        ids = cat.loc[cat["kind"] == kind, "objid"]  # the same pixel positions, in the same order
+        assert not fail["objid"].isin(ids).any(), fail[fail["objid"].isin(ids)]["reason"].tolist()
+        return cand.set_index("objid").loc[ids, "score"].to_numpy()
+
+    twin = scores("twin")
+    assert len(twin) == 5 and np.ptp(twin) > 1e-3  # the scores depend on the pixels
+    np.testing.assert_allclose(scores("scaled"), twin, atol=1e-4)
+    np.testing.assert_allclose(scores("gzipped"), twin, atol=1e-4)
+
+
+def test_tiles_named_like_output_folders_are_listed_and_write_nothing_there(bad_scan):
+    result, _, fail, cat = bad_scan
+    tile_rows = fail[fail["objid"].isna()]
+    for name in ("_plan", ".."):
+        (reason,) = tile_rows.loc[tile_rows["tile"] == name, "reason"]
+        assert f"tile name {name!r}" in reason and "rename" in reason
+    assert all(r == "position is on no readable tile" for r in _reasons(fail, cat, "badname"))
+    out = Path(result.out)
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".parquet")) == ["candidates.parquet"]
+    assert not any(p.name.startswith(("_", ".")) for p in (out / "candidates.parquet").iterdir())
 
 
 def test_truncated_tile_costs_its_objects_with_the_file_named(bad_scan):
@@ -229,11 +318,55 @@ def test_tiles_at_another_pixel_scale_are_refused(tmp_path, small_models):
     assert "0.2000 arcsec/pixel" in msg and "0.26" in msg
 
 
+def _earlier_scan(out: Path) -> list[Path]:
+    """An output holding a (small, fake) earlier scan, and a note of the user's beside it."""
+    out.mkdir()
+    (out / "_scan_identity.json").write_text(json.dumps({"tiles": "elsewhere"}))
+    (out / "scan.json").write_text("{}")
+    (out / "candidates.parquet").mkdir()
+    (out / "candidates.parquet" / "part-0.parquet").write_bytes(b"earlier shard")
+    (out / "notes.txt").write_text("mine")
+    return sorted(out.rglob("*"))
+
+
+def _one_tile_survey(root: Path, pixel_scale_arcsec: float = 0.26) -> dict[str, str]:
+    write_tile(root / "t", "t0", noisy_tile(64, 3), tan_wcs(1, 1, 64, pixel_scale_arcsec), BANDS)
+    pd.DataFrame({"objid": [1], "ra": [1.0], "dec": [1.0]}).to_parquet(root / "c.parquet")
+    return {"tiles": str(root / "t"), "catalog": str(root / "c.parquet")}
+
+
+@pytest.mark.parametrize("problem", ["pixel scale", "catalog"])
+def test_refused_inputs_leave_an_earlier_scan_in_place_even_with_overwrite(tmp_path, small_models,
+                                                                           problem):
+    inputs = _one_tile_survey(tmp_path, 0.2 if problem == "pixel scale" else 0.26)
+    if problem == "catalog":
+        inputs["catalog"] = str(tmp_path / "missing.parquet")
+    held = _earlier_scan(tmp_path / "out")
+    msg = _refusal(tmp_path, **inputs, model_dirs=(small_models,), overwrite=True)
+    assert ("arcsec/pixel" if problem == "pixel scale" else "catalog not found") in msg
+    assert sorted((tmp_path / "out").rglob("*")) == held
+
+
+def test_overwrite_replaces_only_what_the_earlier_scan_wrote(tmp_path, small_models, ray_cluster):
+    _earlier_scan(tmp_path / "out")
+    result = run_scan(ScanConfig(**_one_tile_survey(tmp_path), out=str(tmp_path / "out"),
+                                 model_dirs=(small_models,), overwrite=True, report_top_n=0))
+    assert result.n_scored == 1 and (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "out" / "candidates.parquet" / "part-0.parquet").exists()
+
+
 def test_band_reordering_is_refused(tmp_path, bad_survey, small_models):
     root, _ = bad_survey
     msg = _refusal(tmp_path, tiles=str(root / "tiles"), catalog=str(root / "catalog.parquet"),
                    model_dirs=(small_models,), bands=("r", "g", "i"))
     assert "reorders" in msg and "--bands g,r,i" in msg
+
+
+def test_band_reordering_is_refused_when_the_band_sets_differ(tmp_path, bad_survey, small_models):
+    root, _ = bad_survey
+    msg = _refusal(tmp_path, tiles=str(root / "tiles"), catalog=str(root / "catalog.parquet"),
+                   model_dirs=(small_models,), bands=("r", "g", "z"))
+    assert "reorders" in msg and "band(s) r,g" in msg and "--bands g,r,z" in msg
 
 
 def test_unknown_precision_is_refused_before_start(tmp_path, bad_survey, small_models):
@@ -291,6 +424,33 @@ def test_output_holding_another_scan_is_refused_unless_overwrite(tmp_path, bad_s
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     assert "not a lensscan scan" in _refusal(tmp_path, out=str(tmp_path / "other"), **kw)
+
+
+def test_overwrite_never_deletes_an_output_that_is_not_a_scan(tmp_path, bad_survey, small_models):
+    root, _ = bad_survey
+    thesis = tmp_path / "thesis"
+    (thesis / "chapters").mkdir(parents=True)
+    (thesis / "chapters" / "one.tex").write_text("lenses")
+    msg = _refusal(tmp_path, out=str(thesis), tiles=str(root / "tiles"),
+                   catalog=str(root / "catalog.parquet"), model_dirs=(small_models,), overwrite=True)
+    assert "not a lensscan scan" in msg and "chapters" in msg and "pass --overwrite" not in msg
+    assert (thesis / "chapters" / "one.tex").read_text() == "lenses"
+
+
+@pytest.mark.parametrize("out", ["survey", "tiles", "catalog"])
+def test_an_output_that_is_or_contains_the_inputs_is_refused(tmp_path, small_models, out):
+    survey = tmp_path / "survey"
+    write_tile(survey / "tiles", "t0", noisy_tile(64, 3), tan_wcs(1, 1, 64), BANDS)
+    pd.DataFrame({"objid": [1], "ra": [1.0], "dec": [1.0]}).to_parquet(survey / "catalog.parquet")
+    # Even when it looks like a scan: a stray identity file must not make the survey deletable.
+    (survey / "_scan_identity.json").write_text("{}")
+    (survey / "tiles" / "_scan_identity.json").write_text("{}")
+    target = {"survey": survey, "tiles": survey / "tiles", "catalog": survey / "catalog.parquet"}[out]
+    held = sorted(survey.rglob("*"))
+    msg = _refusal(tmp_path, out=str(target), tiles=str(survey / "tiles"),
+                   catalog=str(survey / "catalog.parquet"), model_dirs=(small_models,), overwrite=True)
+    assert "is or contains the scan's input" in msg
+    assert sorted(survey.rglob("*")) == held
 
 
 def test_unwritable_output_is_refused_before_start(tmp_path, bad_survey, small_models):

@@ -11,9 +11,9 @@ import time
 import pandas as pd
 import pytest
 
-from scanner.pipeline import read_candidates, read_failures, run_scan
+from scanner.pipeline import ScanRefused, read_candidates, read_failures, run_scan
 from scanner.storage import read_bytes
-from tests.conftest import scan_config
+from tests.conftest import assert_every_catalog_row_once, scan_config
 
 BUCKET = "survey"
 
@@ -80,6 +80,7 @@ def test_a_scan_from_and_to_s3_equals_the_local_scan(ray_cluster, s3_survey, def
     assert result.n_scored == len(a)
     for name in ("scan.json", "candidates.csv", "report.html"):
         assert len(read_bytes(f"{out}/{name}")) > 0
+    assert_every_catalog_row_once(out, pd.read_parquet(s3_survey.catalog_url))
 
 
 def test_resume_on_s3_rescans_nothing_that_was_finished(ray_cluster, s3_survey, default_models):
@@ -87,3 +88,21 @@ def test_resume_on_s3_rescans_nothing_that_was_finished(ray_cluster, s3_survey, 
     first = run_scan(scan_config(s3_survey, default_models, out, report_top_n=0))
     again = run_scan(scan_config(s3_survey, default_models, out, resume=True, report_top_n=0))
     assert again.n_scored == first.n_scored and again.stamps_per_s == 0
+
+
+def test_overwrite_on_s3_never_deletes_the_survey_or_objects_that_are_not_a_scan(s3_survey,
+                                                                                  default_models):
+    """Runs last in this file: the code it guards against would empty the bucket."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    fs.pipe(f"{BUCKET}/notes/draft.txt", b"mine")
+    held = sorted(fs.find(BUCKET))
+    for out, refusal in [(f"s3://{BUCKET}", "is or contains the scan's input --tiles"),
+                         (f"s3://{BUCKET}/tiles", "is or contains the scan's input --tiles"),
+                         (f"s3://{BUCKET}/notes", "not a lensscan scan")]:
+        with pytest.raises(ScanRefused, match=refusal):
+            run_scan(scan_config(s3_survey, default_models, out, overwrite=True))
+        fs.invalidate_cache()
+        assert sorted(fs.find(BUCKET)) == held

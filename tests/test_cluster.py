@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from scanner.pipeline import read_candidates, read_failures
+from tests.conftest import assert_every_catalog_row_once
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,8 @@ def scenarios(tiny_survey, default_models, train_dataset, tmp_path_factory):
     return json.loads(line)
 
 
-def _same_catalog(out: str, reference: Path) -> None:
+def _same_catalog(out: str, reference: Path, catalog_url: str) -> None:
+    assert_every_catalog_row_once(out, pd.read_parquet(catalog_url))
     a = read_candidates(out).to_pandas().sort_values("objid").reset_index(drop=True)
     b = read_candidates(str(reference)).to_pandas().sort_values("objid").reset_index(drop=True)
     assert a["objid"].is_unique
@@ -39,24 +41,24 @@ def _same_catalog(out: str, reference: Path) -> None:
     pd.testing.assert_frame_equal(fa, fb)
 
 
-def test_cutting_and_scoring_spread_over_worker_nodes(scenarios, tiny_scan):
+def test_cutting_and_scoring_spread_over_worker_nodes(scenarios, tiny_scan, tiny_survey):
     spread = scenarios["spread"]
     workers = set(scenarios["worker_nodes"])
     assert len(set(spread["nodes"]["score"])) >= 2 and set(spread["nodes"]["score"]) <= workers
     assert len(set(spread["nodes"]["cut"])) >= 2 and set(spread["nodes"]["cut"]) <= workers
-    _same_catalog(spread["out"], tiny_scan[1])
+    _same_catalog(spread["out"], tiny_scan[1], tiny_survey.catalog_url)
 
 
-def test_a_scoring_actor_dying_mid_batch_loses_nothing(scenarios, tiny_scan):
+def test_a_scoring_actor_dying_mid_batch_loses_nothing(scenarios, tiny_scan, tiny_survey):
     run = scenarios["spread"]
     assert run["actor_died"]
-    _same_catalog(run["out"], tiny_scan[1])
+    _same_catalog(run["out"], tiny_scan[1], tiny_survey.catalog_url)
 
 
-def test_a_worker_node_lost_mid_scan_loses_nothing(scenarios, tiny_scan):
+def test_a_worker_node_lost_mid_scan_loses_nothing(scenarios, tiny_scan, tiny_survey):
     run = scenarios["node_loss"]
     assert run["node_removed_during_scan"]
-    _same_catalog(run["out"], tiny_scan[1])
+    _same_catalog(run["out"], tiny_scan[1], tiny_survey.catalog_url)
 
 
 def test_training_on_two_workers_resumes_after_losing_a_worker(scenarios):

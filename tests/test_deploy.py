@@ -380,3 +380,29 @@ def test_constraints_pin_every_runtime_dependency_within_pyproject():
         assert req.specifier.contains(pins[name], prereleases=True), \
             f"{req.name}=={pins[name]} in constraints.txt is outside pyproject's {req}"
     assert "lensscan" not in pins, "the constraints pin dependencies, not lensscan itself"
+
+
+def test_workers_get_the_named_storage_settings_and_no_secrets(monkeypatch):
+    from scanner.storage import WORKER_ENV_NAMES, worker_env
+
+    settings = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_DEFAULT_REGION": "eu-west-1",
+                "GOOGLE_APPLICATION_CREDENTIALS": "/var/secrets/google/key.json"}
+    not_forwarded = {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "secret",
+                     "AWS_SESSION_TOKEN": "token", "FSSPEC_S3_KEY": "key", "FSSPEC_S3_SECRET": "secret",
+                     "FSSPEC_GCS_TOKEN": "token", "GCSFS_TOKEN": "token",
+                     "LENSSCAN_TEST_KILL_SCORER": "/tmp/kill", "LENSSCAN_CACHE": "/tmp/cache"}
+    for name in WORKER_ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**settings, **not_forwarded}.items():
+        monkeypatch.setenv(name, value)
+    assert worker_env() == settings
+
+
+@pytest.mark.parametrize("readme", ["README.md", "deploy/README.md"])
+def test_readmes_name_exactly_the_variables_forwarded_to_workers(readme):
+    from scanner.storage import WORKER_ENV_NAMES
+
+    text = (ROOT / readme).read_text()
+    (listed,) = re.findall(r"forwards exactly these variables[^:]*:(.*?)\.\s", text, flags=re.S)
+    assert re.findall(r"`([A-Z][A-Z0-9_]*)`", listed) == list(WORKER_ENV_NAMES)
+    assert "`AWS_*`" not in text and "`GOOGLE_*`" not in text

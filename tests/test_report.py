@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import fcntl
+import html
 import io
 import json
 import math
@@ -30,8 +31,10 @@ import pytest
 from scanner.metrics import (average_precision, precision_at_top, precision_recall,
                              recall_in_top_fraction)
 from scanner.pipeline import read_candidates
-from scanner.report import (ReportError, add_report_command, read_truth, rgb_band_order,
-                            summarise_truth, write_report)
+from scanner.catalog import table_to_bytes
+from scanner.layout import failure_table
+from scanner.report import (ReportError, add_report_command, read_truth, render_html,
+                            rgb_band_order, summarise_truth, truth_line, write_report)
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -318,6 +321,39 @@ def test_truth_may_be_a_csv_listing_only_the_known_lenses(ranked, tmp_path):
     (tmp_path / "bad.csv").write_text("objid,label\n1,1\n")
     with pytest.raises(ReportError, match="is_lens"):
         read_truth(str(tmp_path / "bad.csv"))
+
+
+HOSTILE = "{{data}}{{script}}<!--<script>x</script><script>alert(1)</script>"
+
+
+def test_tile_names_and_catalog_strings_cannot_break_out_of_the_page(scan_out, tmp_path):
+    out = tmp_path / "scan"
+    shutil.copytree(scan_out, out)
+    # A catalog's own tile column and reason text reach the failures table as they are.
+    (out / "failures" / "plan").mkdir(parents=True, exist_ok=True)
+    (out / "failures" / "plan" / "part-999999.parquet").write_bytes(table_to_bytes(failure_table(
+        [1], [150.0], [2.0], [HOSTILE], [0], "plan", [HOSTILE])))
+    page = Path(write_report(str(out), top_n=3)).read_text()
+    assert page.count('id="lensscan-data"') == 1 and page.count("<script") == 2
+    assert "alert(1)</script>" not in page and "<!--<script>" not in page
+    assert "{{data}}{{script}}&lt;!--&lt;script&gt;" in page  # shown as text, filled in nowhere
+    # ... and the gallery's JSON holds such strings without ending its script element.
+    data = {"has_truth": False, "candidates": [{"tile": HOSTILE}]}
+    page = render_html(HOSTILE, HOSTILE, data, "<p>scores</p>", "<p>provenance</p>")
+    start = page.index('id="lensscan-data">') + len('id="lensscan-data">')
+    block = page[start:page.index("</script>", start)]
+    assert "<" not in block and json.loads(block) == data
+    assert page.count("<script") == 2 and f"<title>{html.escape(HOSTILE)}</title>" in page
+
+
+def test_lenses_that_failed_count_as_missed_in_recall():
+    ranked = pa.table({"objid": np.arange(1, 301), "score": np.linspace(1.0, 0.0, 300)})
+    truth = pd.DataFrame({"objid": [1, 3, 151, 999], "is_lens": True})
+    summary = summarise_truth(ranked, truth, top_n=3, failed_objids=np.array([999, 5000]))
+    assert summary.n_lenses_scored == 3 and summary.n_lenses_failed == 1
+    assert summary.recall_top_fraction == pytest.approx(2 / 4)  # the best 3 hold 2 of 4 lenses
+    assert summary.curve.recall[-1] == pytest.approx(3 / 4)
+    assert "2 of 4 lenses" in truth_line(summary) and "1 of them failed" in truth_line(summary)
 
 
 def test_colour_stamps_map_the_reddest_band_to_red_and_the_bluest_to_blue():

@@ -19,7 +19,7 @@ from scanner.cutouts import make_stamps
 from scanner.pipeline import ScanRefused, read_candidates, read_failures, run_scan
 from scanner.registry import load_ensemble
 from scanner.tiles import discover_tiles, read_headers, read_pixels
-from tests.conftest import scan_config
+from tests.conftest import assert_every_catalog_row_once, scan_config
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,7 @@ def test_every_object_is_scored_or_failed_exactly_once(scanned, tiny_survey):
     assert result.n_scored == len(cand) and result.n_failed == len(fail)
     assert result.n_scored + result.n_failed == len(catalog)
     assert (fail["reason"].str.len() > 0).all()
+    assert_every_catalog_row_once(out, catalog)
 
 
 def test_candidates_have_the_contract_columns_and_model_metadata(scanned, default_models):
@@ -81,6 +82,17 @@ def test_a_second_scan_into_the_same_output_is_refused_without_resume(scanned, t
     _, out = scanned
     with pytest.raises(ScanRefused, match="--resume"):
         run_scan(scan_config(tiny_survey, default_models, out))
+
+
+@pytest.mark.parametrize("change,differs", [({"precision": "bfloat16"}, "precision"),
+                                            ({"num_gpus_per_actor": 1.0}, "precision"),
+                                            ({"max_missing_fraction": 0.5}, "max_missing_fraction")])
+def test_resume_refuses_another_precision_or_missing_pixel_limit(scanned, tiny_survey, default_models,
+                                                                  change, differs):
+    """float32 scores resumed in bfloat16 (asked, or 'auto' on a GPU) would mix in one catalog."""
+    _, out = scanned
+    with pytest.raises(ScanRefused, match=f"differs in {differs}"):
+        run_scan(scan_config(tiny_survey, default_models, out, resume=True, **change))
 
 
 def _scan_cmd(survey, models, out, *extra):

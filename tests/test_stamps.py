@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -10,7 +12,7 @@ from scanner.config import InputSpec
 from scanner.cutouts import FLAG_EDGE, FLAG_MASKED, cut_stamps, make_stamps
 from scanner.footprints import FootprintIndex
 from scanner.normalise import normalise
-from scanner.tiles import discover_tiles, read_headers, read_pixels
+from scanner.tiles import describe_layout, discover_tiles, read_headers, read_pixels
 from tests.fits_helpers import noisy_tile, tan_wcs, write_tile
 
 BANDS = ("g", "r", "i")
@@ -154,3 +156,89 @@ def test_file_url_and_plain_path_find_the_same_tiles(tmp_path):
     (b,) = discover_tiles(f"file://{tmp_path}", BANDS)
     read_headers(a), read_headers(b)
     np.testing.assert_array_equal(read_pixels(a, BANDS), read_pixels(b, BANDS))
+
+
+def _gzip(paths) -> None:
+    for p in paths:
+        p.with_name(p.name + ".gz").write_bytes(gzip.compress(p.read_bytes()))
+        p.unlink()
+
+
+def test_multi_extension_fz_tiles_are_found_without_a_pattern(tmp_path):
+    data = {name: noisy_tile(64, 3, k) for k, name in enumerate(("t0", "t1"))}
+    for k, (name, d) in enumerate(data.items()):
+        write_tile(tmp_path, name, d, tan_wcs(150.0 + k, 2.0, 64), BANDS, "mef", compress=True)
+    tiles = [read_headers(t) for t in discover_tiles(str(tmp_path), BANDS)]
+    assert [(t.name, t.pattern, t.error) for t in tiles] == [("t0", "{tile}.fits.fz", None),
+                                                              ("t1", "{tile}.fits.fz", None)]
+    for t in tiles:
+        np.testing.assert_allclose(read_pixels(t, BANDS), data[t.name], atol=0.05)
+
+
+def test_mixed_layouts_and_gzip_are_found_and_described(tmp_path):
+    data = {name: noisy_tile(64, 4, k) for k, name in enumerate(("a", "b", "c", "d"))}
+    write_tile(tmp_path, "a", data["a"], tan_wcs(150, 2, 64), (*BANDS, "z"))  # z: not scanned
+    write_tile(tmp_path, "b", data["b"][:3], tan_wcs(151, 2, 64), BANDS, "mef")
+    _gzip(write_tile(tmp_path, "c", data["c"][:3], tan_wcs(152, 2, 64), BANDS))
+    write_tile(tmp_path, "d", data["d"][:3], tan_wcs(153, 2, 64), BANDS, "mef", compress=True)
+    write_tile(tmp_path, "e", data["d"][3:], tan_wcs(154, 2, 64), ("z",))  # has none of g,r,i
+    tiles = [read_headers(t) for t in discover_tiles(str(tmp_path), BANDS)]
+    assert {t.name: t.pattern for t in tiles} == {
+        "a": "{tile}_{band}.fits", "b": "{tile}.fits", "c": "{tile}_{band}.fits.gz",
+        "d": "{tile}.fits.fz", "e": "{tile}_{band}.fits"}
+    assert describe_layout(tiles).startswith("5 tiles: 2 as {tile}_{band}.fits, ")
+    for t in tiles[:4]:
+        assert t.error is None
+        np.testing.assert_allclose(read_pixels(t, BANDS), data[t.name][:3],
+                                   atol=0.05 if t.name == "d" else 0)
+    assert "lacks band(s) g,r,i" in tiles[4].error
+
+
+def test_gzipped_tiles_on_remote_storage_read(tmp_path):
+    import fsspec
+
+    data = noisy_tile(64, 3)
+    _gzip(write_tile(tmp_path / "pb", "t0", data, tan_wcs(150, 2, 64), BANDS))
+    _gzip(write_tile(tmp_path / "mef", "t1", data, tan_wcs(151, 2, 64), BANDS, "mef"))
+    fs = fsspec.filesystem("memory")
+    for p in tmp_path.rglob("*.gz"):
+        fs.pipe(f"/gz-tiles/{p.name}", p.read_bytes())
+    tiles = [read_headers(t) for t in discover_tiles("memory://gz-tiles", BANDS)]
+    assert [t.pattern for t in tiles] == ["{tile}_{band}.fits.gz", "{tile}.fits.gz"]
+    for t in tiles:
+        assert t.error is None and t.shape == (64, 64)
+        np.testing.assert_array_equal(read_pixels(t, BANDS), data)
+
+
+def test_ambiguous_tile_files_are_refused_naming_them(tmp_path):
+    write_tile(tmp_path / "twice", "t0", noisy_tile(32, 3), tan_wcs(1, 1, 32), BANDS)
+    write_tile(tmp_path / "twice", "t0", noisy_tile(32, 3), tan_wcs(1, 1, 32), BANDS, compress=True)
+    with pytest.raises(ValueError, match="tile t0 is both .*t0_g.fits and .*t0_g.fits.fz.*--tile-pattern"):
+        discover_tiles(str(tmp_path / "twice"), BANDS)
+    write_tile(tmp_path / "both", "t0", noisy_tile(32, 3), tan_wcs(1, 1, 32), BANDS)
+    write_tile(tmp_path / "both", "t0", noisy_tile(32, 3), tan_wcs(1, 1, 32), BANDS, "mef")
+    with pytest.raises(ValueError, match="tile t0 is both .*--tile-pattern"):
+        discover_tiles(str(tmp_path / "both"), BANDS)
+
+
+def test_truncated_file_is_caught_when_headers_are_read(tmp_path):
+    paths = write_tile(tmp_path, "t0", noisy_tile(64, 3), tan_wcs(1, 1, 64), BANDS)
+    paths[1].write_bytes(paths[1].read_bytes()[:4000])
+    (tile,) = discover_tiles(str(tmp_path), BANDS)
+    read_headers(tile)
+    assert tile.shape == (64, 64) and "t0_r.fits: truncated" in tile.error
+
+
+def test_overlap_objects_go_to_a_healthy_tile_before_a_broken_one(tmp_path):
+    size = 100
+    step = 80 * 0.26 / 3600  # b is 80 px to the right of a: a 20 px overlap
+    w0, w1 = tan_wcs(150.0, 0.0, size), tan_wcs(150.0 - step, 0.0, size)
+    write_tile(tmp_path, "a", noisy_tile(size, 2), w0, ("g", "r"))
+    write_tile(tmp_path, "b", noisy_tile(size, 1, 1), w1, ("g",))  # lacks r
+    tiles = [read_headers(t) for t in discover_tiles(str(tmp_path), ("g", "r"))]
+    assert tiles[1].error and tiles[1].shape
+    index = FootprintIndex(tiles)
+    ra, dec = w0.pixel_to_world_values(np.array([95.0, 150.0]), np.array([50.0, 50.0]))
+    m = index.match(ra, dec)
+    # x=95 lies deeper in b (15 px) than in a (4 px), but b cannot be cut; x=150 is on b alone.
+    assert [index.tiles[i].name for i in m.tile_index] == ["a", "b"]

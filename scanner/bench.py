@@ -322,7 +322,7 @@ class SurveySample:
     """
 
     tiles_url: str
-    tile_pattern: str
+    tile_pattern: str | None  # None: discover the layout, as the scan does
     catalog_url: str
     bands: tuple[str, ...] | None = None
 

@@ -75,8 +75,8 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tiles", help="measure on your own tiles (a sample: a few tiles) instead of a "
                    "mock survey; needs --catalog")
     p.add_argument("--catalog", help="catalog of the objects on --tiles (objid, ra, dec)")
-    p.add_argument("--tile-pattern", default="{tile}_{band}.fits", help="file names of --tiles, as "
-                   "for scan (default: %(default)s)")
+    p.add_argument("--tile-pattern", help="file names of --tiles, as for scan (default: discover "
+                   "per-band and multi-extension tiles)")
     p.add_argument("--bands", help="survey bands of --tiles in the models' channel order")
     p.add_argument("--compress", action="store_true", help="write the mock survey's tiles "
                    "Rice-compressed (.fits.fz), as many surveys ship them")

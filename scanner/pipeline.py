@@ -25,7 +25,7 @@ from scanner import __version__, layout, storage
 from scanner.catalog import iter_catalog
 from scanner.config import PRECISIONS, ScanConfig
 from scanner.console import quiet_ray_notices, without_ray_noise
-from scanner.layout import read_candidates, read_failures  # noqa: F401 - the readers users import from here
+from scanner.layout import read_candidates, read_failures  # noqa: F401 - users import them from here
 from scanner.plan import Plan, load_plan, make_plan, read_tiles
 from scanner.registry import Ensemble, load_ensemble
 from scanner.stages import EnsembleScorer, ShardWriter, cut_tile
@@ -241,6 +241,37 @@ def _actor_pool(config: ScanConfig) -> ActorPool:
     return ActorPool(n, per_actor, 0.0, min(1.0, max(MIN_CUT_TASK_CPUS, cpus - n * per_actor)))
 
 
+def _prepare(config: ScanConfig, bands: tuple[str, ...], pixel_scale_arcsec: float,
+             identity: dict[str, Any]) -> Plan:
+    """The scan's plan: the earlier run's on ``--resume``, else a new one, made only after every
+    check of the inputs and the output has passed, so a refused scan (even with ``--overwrite``)
+    leaves ``--out`` as it was."""
+    _refuse_inputs_in_output(config)
+    try:
+        action = _output_action(config, identity)
+        plan = load_plan(config.out) if action == "resume" else None
+    except OSError as exc:
+        raise ScanRefused(f"cannot use --out {config.out}: {exc}; choose a readable, writable "
+                          f"location") from exc
+    tiles = None
+    if plan is None:
+        if config.catalog is None:
+            raise ScanRefused("no --catalog given; give the survey's object catalog (objid, ra, dec)")
+        next(iter_catalog(config.catalog, batch_rows=1))  # a missing, empty or column-less catalog
+        tiles = read_tiles(config.tiles, config.tile_pattern, bands, pixel_scale_arcsec)
+    try:
+        if action == "overwrite":
+            layout.remove_scan(config.out)
+        storage.write_bytes_atomic(layout.identity_file(config.out),
+                                   json.dumps(identity, indent=1).encode())
+    except OSError as exc:
+        raise ScanRefused(f"cannot write to --out {config.out}: {exc}; choose a writable location") from exc
+    if plan is None:
+        plan = make_plan(config.tiles, config.tile_pattern, bands, config.catalog, config.out,
+                         pixel_scale_arcsec=pixel_scale_arcsec, tiles=tiles)
+    return plan
+
+
 def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult:
     """Scan ``config.tiles`` for lenses and write catalogs to ``config.out``.
 
@@ -254,32 +285,7 @@ def run_scan(config: ScanConfig, ensemble: Ensemble | None = None) -> ScanResult
     ensemble = ensemble or load_ensemble(list(config.model_dirs))
     bands = resolve_bands(config, ensemble)
     spec = ensemble.input_spec
-    identity = _identity(config, ensemble, bands)
-    _refuse_inputs_in_output(config)
-    try:
-        action = _output_action(config, identity)
-        plan = load_plan(config.out) if action == "resume" else None
-    except OSError as exc:
-        raise ScanRefused(f"cannot use --out {config.out}: {exc}; choose a readable, writable "
-                          f"location") from exc
-    tiles = None
-    if plan is None:
-        # Every check of the inputs comes before the output is touched: a refused scan leaves an
-        # earlier scan in --out as it was, even with --overwrite.
-        if config.catalog is None:
-            raise ScanRefused("no --catalog given; give the survey's object catalog (objid, ra, dec)")
-        next(iter_catalog(config.catalog, batch_rows=1))  # refuses a missing, empty or column-less catalog
-        tiles = read_tiles(config.tiles, config.tile_pattern, bands, spec.pixel_scale_arcsec)
-    try:
-        if action == "overwrite":
-            layout.remove_scan(config.out)
-        storage.write_bytes_atomic(layout.identity_file(config.out),
-                                   json.dumps(identity, indent=1).encode())
-    except OSError as exc:
-        raise ScanRefused(f"cannot write to --out {config.out}: {exc}; choose a writable location") from exc
-    if plan is None:
-        plan = make_plan(config.tiles, config.tile_pattern, bands, config.catalog, config.out,
-                         pixel_scale_arcsec=spec.pixel_scale_arcsec, tiles=tiles)
+    plan = _prepare(config, bands, spec.pixel_scale_arcsec, _identity(config, ensemble, bands))
     models = ensemble.describe()
     metadata = {"lensscan_version": __version__, "models": models, "bands": list(bands),
                 "input_spec": spec.to_dict()}

@@ -21,9 +21,9 @@ def test_scan_without_arguments_scans_the_demo_survey_and_says_where(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "lensscan-demo-scan"
+    assert not [line for line in done.stderr.splitlines() if any(n in line for n in RAY_NOISE)]
     assert "scored" in done.stdout and "report.html" in done.stdout
     assert "tiles:      9 tiles: 9 as {tile}_{band}.fits" in done.stdout
-    assert not [line for line in done.stderr.splitlines() if any(n in line for n in RAY_NOISE)]
     scan = json.loads((out / "scan.json").read_text())
     catalog = pd.read_parquet(next((tmp_path / "cache").glob("demo-survey-*")) / "catalog.parquet")
     assert scan["n_scored"] + scan["n_failed"] == len(catalog) > 1000

@@ -148,7 +148,7 @@ def moffat_alpha(fwhm: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
 
 
 def double_gaussian_half_max_radius(core_flux: torch.Tensor, width_ratio: torch.Tensor,
-                                    iterations: int = 40) -> torch.Tensor:
+                                    iterations: int = 24) -> torch.Tensor:
     """Half-maximum radius, in inner sigmas, of ``a G(1) + (1 - a) G(r)`` (2-D unit Gaussians).
 
     No closed form: bisection on the radial profile, which falls monotonically from the centre,

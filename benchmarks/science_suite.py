@@ -426,7 +426,8 @@ def _lens(rng: np.random.Generator, pixel_scale: float) -> _Object:
 # Tiles
 
 
-def _wcs(survey: SuiteSurvey, k: int) -> WCS:
+def tile_wcs(survey: SuiteSurvey, k: int) -> WCS:
+    """The TAN WCS of tile ``k`` (tiles are laid on a grid with gaps, so they never overlap)."""
     ncol = int(math.ceil(math.sqrt(survey.n_tiles)))
     row, col = divmod(k, ncol)
     step_deg = (survey.size_pix + 200) * survey.pixel_scale_arcsec / 3600.0  # tiles do not touch
@@ -583,7 +584,7 @@ def _header(survey: SuiteSurvey, wcs: WCS, tile: str, band: str, cond: dict[str,
     h["SKYSIG"] = (round(cond["sigma"], 5), "[adu] rms sky noise per pixel")
     h["GAIN"] = (round(cond["gain"], 5), "[e-/adu] effective gain")
     h["SATURATE"] = (round(cond["saturation"], 2), "[adu] saturation level")
-    h["ORIGIN"] = ("benchmarks/science_suite.py", f"suite survey {survey.name}")
+    h["ORIGIN"] = ("lensscan science suite", survey.name)
     return h
 
 
@@ -602,7 +603,7 @@ def make_suite_survey(survey: SuiteSurvey, out: str) -> dict[str, Any]:
     fs, path = fsspec.core.url_to_fs(root + "/survey.json")
     if fs.exists(path):
         done = json.loads(fs.cat_file(path))
-        if done.get("survey") == survey.to_dict():
+        if done.get("survey") == json.loads(json.dumps(survey.to_dict())):
             return done
     fs.makedirs(fsspec.core.url_to_fs(root + "/tiles")[1], exist_ok=True)
     rng = np.random.default_rng([survey.seed, 1])
@@ -618,7 +619,7 @@ def make_suite_survey(survey: SuiteSurvey, out: str) -> dict[str, Any]:
         mine = [specials[i] for i in order[k::survey.n_tiles]]
         objects = _tile_objects(survey, k, tile_rng, mine)
         images, conditions = render_tile(survey, k, objects)
-        wcs = _wcs(survey, k)
+        wcs = tile_wcs(survey, k)
         for b in BANDS:
             hdu = fits.PrimaryHDU(images[b], _header(survey, wcs, tile, b, conditions[b]))
             buffer = io.BytesIO()

@@ -78,6 +78,7 @@ class ScanConfig:
     truth: str | None = None  # optional objid,is_lens table: the report adds PR curve and precision
     report_top_n: int = 200  # candidates in report.html's gallery; 0 writes no report
     precision: str = "auto"  # forward precision, one of PRECISIONS: bf16 on GPUs by default
+    tta: bool = False  # test-time augmentation: mean over the 8 rotations and flips (8x the forward)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

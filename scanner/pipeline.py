@@ -90,11 +90,12 @@ def precision_used(config: ScanConfig) -> str:
 
 def _identity(config: ScanConfig, ensemble: Ensemble, bands: tuple[str, ...]) -> dict[str, Any]:
     """What makes two runs the same scan: inputs, bands, the exact model weights and everything
-    that changes a score or a failure (precision, the missing-pixel limit)."""
+    that changes a score or a failure (precision, test-time augmentation, the missing-pixel
+    limit)."""
     return {"tiles": config.tiles, "tile_pattern": config.tile_pattern, "catalog": config.catalog,
             "bands": list(bands), "models": [m["content_hash"] for m in ensemble.describe()],
             "input_spec": ensemble.input_spec.to_dict(), "precision": precision_used(config),
-            "max_missing_fraction": config.max_missing_fraction}
+            "max_missing_fraction": config.max_missing_fraction, "tta": config.tta}
 
 
 def resolve_bands(config: ScanConfig, ensemble: Ensemble) -> tuple[str, ...]:
@@ -375,7 +376,8 @@ def _stream(config: ScanConfig, plan: Plan, todo: list, ensemble: Ensemble, band
                              num_gpus=pool.gpus_per_actor,
                              fn_constructor_kwargs={"model_dirs": list(config.model_dirs),
                                                     "use_gpu": pool.gpus_per_actor > 0,
-                                                    "precision": config.precision},
+                                                    "precision": config.precision,
+                                                    "tta": config.tta},
                              compute=ActorPoolStrategy(size=pool.actors, max_tasks_in_flight_per_actor=2),
                              runtime_env=runtime_env, max_restarts=3, max_task_retries=3)
                 .map_batches(ShardWriter, batch_size=4 * config.batch_size, batch_format="pyarrow",

@@ -107,7 +107,8 @@ class EnsembleScorer:
     Rows that already failed (``failure`` non-empty) are passed through with NaN scores.
     """
 
-    def __init__(self, model_dirs: Sequence[str], use_gpu: bool = False, precision: str = "auto"):
+    def __init__(self, model_dirs: Sequence[str], use_gpu: bool = False, precision: str = "auto",
+                 tta: bool = False):
         import torch
 
         from scanner.registry import load_ensemble
@@ -116,6 +117,7 @@ class EnsembleScorer:
         self.ensemble = load_ensemble(list(model_dirs))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.ensemble.to(self.device, precision=precision)
+        self.tta = tta
         logger.info("scoring on %s in %s", self.device, self.ensemble.precision)
         self.on_gpu = self.device.type == "cuda"
         self.columns = list(self.ensemble.columns)
@@ -151,7 +153,7 @@ class EnsembleScorer:
             x = self.torch.from_numpy(np.ascontiguousarray(stamps))
             if self.on_gpu:
                 x = x.pin_memory().to(self.device, non_blocking=True)
-            scores[ok] = self.ensemble.predict(x).float().cpu().numpy()
+            scores[ok] = self.ensemble.predict(x, tta=self.tta).float().cpu().numpy()
         for j, col in enumerate(self.columns):
             out[col] = scores[:, j]
         out["score"] = scores.mean(axis=1) if scores.shape[1] else np.full(n, np.nan, np.float32)

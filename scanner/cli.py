@@ -61,7 +61,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
             print("lensscan scan: --catalog needs --tiles", file=sys.stderr)
             return 2
         survey = demo_survey()
-        tiles, catalog, pattern = survey.tiles_url, survey.catalog_url, survey.tile_pattern
+        tiles, catalog = survey.tiles_url, survey.catalog_url  # its layout is discovered
         truth = truth or survey.truth_url
         if out is None:
             # The demo's own output is replaced on every run; an --out the user names is not.
@@ -89,8 +89,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
               f"the cause and re-run the same command with --resume", file=sys.stderr)
         return 1
     print(result.summary())
-    if pattern is None:
-        print(f"tiles:      {result.tile_layout} (found without --tile-pattern)")
+    found = " (found without --tile-pattern)" if pattern is None else ""
+    print(f"tiles:      {result.tile_layout}{found}")
     if truth:
         from scanner.report import ReportError, truth_line, truth_summary
 

@@ -506,8 +506,8 @@ def _provenance_html(scan: ScanOutput, columns: Sequence[str]) -> str:
     spec = scan.metadata.get("input_spec", {})
     facts = [
         ("scan output", scan.out),
-        ("tiles", f"{s.get('n_tiles')} ({s.get('n_tiles_unreadable', 0)} unreadable) from "
-                  f"{config.get('tiles')} ({config.get('tile_pattern')})"),
+        ("tiles", f"{s.get('n_tiles')} ({s.get('n_tiles_unreadable', 0)} cannot be scanned) from "
+                  f"{config.get('tiles')} ({config.get('tile_pattern') or s.get('tile_layout')})"),
         ("catalog", f"{config.get('catalog')}: {s.get('n_catalog')} objects"),
         ("objects scored / failed", f"{s.get('n_scored')} / {s.get('n_failed')}"),
         ("survey bands (model channels)", ",".join(scan.plan.bands)),

@@ -75,7 +75,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
                         bands=_bands(args.bands), tile_pattern=pattern, batch_size=args.batch_size,
                         num_actors=args.num_actors, num_gpus_per_actor=args.num_gpus_per_actor,
                         write_csv=args.csv, resume=resume, overwrite=overwrite, address=args.address,
-                        truth=truth, report_top_n=args.report_top, precision=args.precision)
+                        truth=truth, report_top_n=args.report_top, precision=args.precision, tta=args.tta)
     try:
         result = run_scan(config)
     except (ScanRefused, RegistryError, FileNotFoundError, ValueError) as exc:
@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "precision: auto is bfloat16 on GPUs and float32 on CPUs; bfloat16 on a CPU with "
                    "native bf16 (AVX512-BF16, AMX) scores about 2x faster, within about 0.01 "
                    "(default: %(default)s)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: score the 8 "
+                   "rotations and flips of every stamp and average (8x the scoring cost; more "
+                   "lenses at the top of the list, docs/science.md)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted scan in --out")
     p.add_argument("--overwrite", action="store_true", help="replace the lensscan scan that --out "
                    "holds (never anything else: other files are refused)")

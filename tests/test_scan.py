@@ -78,6 +78,21 @@ def test_scores_equal_a_plain_torch_forward_and_ensemble_columns_are_mean_and_st
     np.testing.assert_allclose(cand["score_std"], per_version.std(axis=1), atol=1e-6)
 
 
+def test_tta_scan_scores_each_version_as_the_mean_over_rotations_and_flips(ray_cluster, tiny_survey,
+                                                                            default_models, tmp_path):
+    run_scan(scan_config(tiny_survey, default_models, tmp_path / "tta", tta=True, report_top_n=0))
+    ens = load_ensemble([default_models])
+    cand = read_candidates(str(tmp_path / "tta")).to_pandas()
+    rows = cand[cand["tile"] == cand["tile"].iloc[0]]
+    (tile,) = [t for t in discover_tiles(tiny_survey.tiles_url, ens.input_spec.bands,
+                                         tiny_survey.tile_pattern) if t.name == rows["tile"].iloc[0]]
+    read_headers(tile)
+    stamps, _ = make_stamps(read_pixels(tile, ens.input_spec.bands), rows["x"].to_numpy(),
+                            rows["y"].to_numpy(), ens.input_spec)
+    expected = ens.predict(torch.from_numpy(stamps.astype(np.float16).astype(np.float32)), tta=True)
+    np.testing.assert_allclose(rows[ens.columns].to_numpy(), expected.numpy(), atol=1e-5)
+
+
 def test_a_second_scan_into_the_same_output_is_refused_without_resume(scanned, tiny_survey, default_models):
     _, out = scanned
     with pytest.raises(ScanRefused, match="--resume"):
@@ -86,8 +101,9 @@ def test_a_second_scan_into_the_same_output_is_refused_without_resume(scanned, t
 
 @pytest.mark.parametrize("change,differs", [({"precision": "bfloat16"}, "precision"),
                                             ({"num_gpus_per_actor": 1.0}, "precision"),
-                                            ({"max_missing_fraction": 0.5}, "max_missing_fraction")])
-def test_resume_refuses_another_precision_or_missing_pixel_limit(scanned, tiny_survey, default_models,
+                                            ({"max_missing_fraction": 0.5}, "max_missing_fraction"),
+                                            ({"tta": True}, "tta")])
+def test_resume_refuses_another_precision_tta_or_missing_pixel_limit(scanned, tiny_survey, default_models,
                                                                   change, differs):
     """float32 scores resumed in bfloat16 (asked, or 'auto' on a GPU) would mix in one catalog."""
     _, out = scanned

@@ -114,6 +114,16 @@ def score_survey(description: dict[str, Any], plan_dir: Path, ensemble: Any, tta
     return pd.concat(frames, ignore_index=True)
 
 
+def save_rows(path: Path, earlier: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` to ``path``, keeping earlier rows of other (ensemble, survey) pairs."""
+    new = {(r["label"], r["survey"]) for r in rows}
+    keep = [r for r in earlier if (r["label"], r["survey"]) not in new]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"rows": keep + rows}, indent=1, default=float))
+    tmp.replace(path)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """One row per (ensemble, survey): the figures, then what fills the top 1%."""
     head = ["ensemble", "survey", "split", *COLUMNS.values(), "top 1% holds"]
@@ -156,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     label = args.label + (" +TTA" if args.tta else "")
 
-    rows = []
+    previous = json.loads(args.json.read_text()) if args.json.exists() else {"rows": []}
+    rows: list[dict[str, Any]] = []
     for survey in surveys:
         t0 = time.perf_counter()
         description = science_suite.make_suite_survey(survey, str(args.work / survey.name))
@@ -170,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                     "look-alikes %.3f (survey %.0f s, scoring %.0f s)", label, survey.name,
                     100 * figures["recall_top_1pct"], figures["n_lenses"], figures["precision_top_50"],
                     figures["auroc_vs_lookalikes"], t1 - t0, t2 - t1)
+        save_rows(args.json, previous["rows"], rows)  # after each survey: a long run keeps its rows
 
     table = markdown(rows)
     print(table)
@@ -177,11 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         worst = min(r[key] for r in rows)
         print(f"{COLUMNS[key]}: worst {worst:.3f} against the target {target:.2f}"
               + ("" if worst >= target else f" ({target - worst:.3f} short)"))
-    previous = json.loads(args.json.read_text()) if args.json.exists() else {"rows": []}
-    keep = [r for r in previous["rows"]
-            if (r["label"], r["survey"]) not in {(n["label"], n["survey"]) for n in rows}]
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"rows": keep + rows}, indent=1, default=float))
     print(f"saved {args.json}")
     return 0
 

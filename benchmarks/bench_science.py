@@ -91,6 +91,7 @@ def score_survey(description: dict[str, Any], plan_dir: Path, ensemble: Any, tta
     """
     import torch
 
+    from scanner.config import ScanConfig
     from scanner.cutouts import make_stamps
     from scanner.normalise import to_float16
     from scanner.plan import make_plan, read_tile_objects
@@ -109,7 +110,7 @@ def score_survey(description: dict[str, Any], plan_dir: Path, ensemble: Any, tta
         x = torch.from_numpy(to_float16(normed))
         scores = torch.cat([ensemble.predict(x[i:i + batch_size], tta=tta)
                             for i in range(0, len(x), batch_size)]).mean(dim=1).numpy()
-        keep = raw.missing_fraction <= 0.8  # the scan's default --max-missing-fraction
+        keep = raw.missing_fraction <= ScanConfig.max_missing_fraction  # the scan's default
         frames.append(pd.DataFrame({"objid": objects["objid"].to_numpy()[keep], "score": scores[keep]}))
     return pd.concat(frames, ignore_index=True)
 
